@@ -1,0 +1,71 @@
+// Bilinear sampling math shared by the CPU and CUDA kernels.
+//
+// A sampling location (x, y) in [0, 1] maps to the pixel coordinate
+// (x * W - 0.5, y * H - 0.5) (align_corners=False). Its four corners are
+// (y0, x0), (y0, x1), (y1, x0), (y1, x1) with y1 = y0 + 1, x1 = x0 + 1; a corner
+// outside the map contributes zero. A location whose coordinate is NaN, +-inf or
+// lies wholly outside (-1, H) x (-1, W) contributes zero and has zero gradient:
+// every comparison below is false for NaN, so it never reaches an index.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DDETR_HOST_DEVICE_INLINE __host__ __device__ __forceinline__
+#define DDETR_UNROLL _Pragma("unroll")
+#else
+#define DDETR_HOST_DEVICE_INLINE inline
+#define DDETR_UNROLL
+#endif
+
+namespace ddetr {
+
+template <typename acc_t>
+struct BilinearTaps {
+  int64_t index[4];   // pixel index inside the level (y * W + x); 0 for a corner outside
+  acc_t weight[4];    // bilinear weight; 0 for a corner outside
+  acc_t dweight_dx[4];  // d weight / d x_pixel
+  acc_t dweight_dy[4];  // d weight / d y_pixel
+  unsigned inside;    // bit c set when corner c lies inside the map
+};
+
+// Fills `taps` for a location; returns false when the location contributes
+// nothing (outside the map, or not finite). H, W >= 1.
+template <typename acc_t>
+DDETR_HOST_DEVICE_INLINE bool bilinear_taps(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W,
+                                            BilinearTaps<acc_t>& t) {
+  const acc_t x = loc_x * static_cast<acc_t>(W) - static_cast<acc_t>(0.5);
+  const acc_t y = loc_y * static_cast<acc_t>(H) - static_cast<acc_t>(0.5);
+  if (!(x > static_cast<acc_t>(-1) && y > static_cast<acc_t>(-1) &&
+        x < static_cast<acc_t>(W) && y < static_cast<acc_t>(H))) {
+    return false;
+  }
+  const acc_t xf = floor(x);
+  const acc_t yf = floor(y);
+  const int64_t x0 = static_cast<int64_t>(xf);  // in [-1, W - 1]
+  const int64_t y0 = static_cast<int64_t>(yf);  // in [-1, H - 1]
+  const int64_t x1 = x0 + 1;
+  const int64_t y1 = y0 + 1;
+  const acc_t lx = x - xf, ly = y - yf;
+  const acc_t hx = static_cast<acc_t>(1) - lx, hy = static_cast<acc_t>(1) - ly;
+
+  const bool in_y0 = y0 >= 0, in_y1 = y1 <= H - 1;
+  const bool in_x0 = x0 >= 0, in_x1 = x1 <= W - 1;
+  const bool in[4] = {in_y0 && in_x0, in_y0 && in_x1, in_y1 && in_x0, in_y1 && in_x1};
+  const int64_t idx[4] = {y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1};
+  const acc_t w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+  const acc_t dwx[4] = {-hy, hy, -ly, ly};
+  const acc_t dwy[4] = {-hx, -lx, hx, lx};
+  t.inside = 0u;
+DDETR_UNROLL
+  for (int c = 0; c < 4; ++c) {
+    t.index[c] = in[c] ? idx[c] : 0;
+    t.weight[c] = in[c] ? w[c] : static_cast<acc_t>(0);
+    t.dweight_dx[c] = in[c] ? dwx[c] : static_cast<acc_t>(0);
+    t.dweight_dy[c] = in[c] ? dwy[c] : static_cast<acc_t>(0);
+    t.inside |= in[c] ? (1u << c) : 0u;
+  }
+  return t.inside != 0u;
+}
+
+}  // namespace ddetr
