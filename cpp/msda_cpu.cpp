@@ -32,11 +32,14 @@ namespace ddetr {
 namespace DDETR_CPU_ISA {
 namespace {
 
-template <typename scalar_t, typename acc_t>
+// kD > 0 fixes the channel count at compile time (the common D = 32 / 64), so
+// the accumulator lives in vector registers; kD = 0 handles any D.
+template <typename scalar_t, typename acc_t, int kD>
 void forward_impl(const MsdaForwardParams& prm) {
   using Cv = Convert<scalar_t, acc_t>;
   const MsdaShape& s = prm.shape;
-  const int64_t N = s.batch, S = s.num_keys, M = s.num_heads, D = s.channels;
+  const int64_t N = s.batch, S = s.num_keys, M = s.num_heads;
+  const int64_t D = kD > 0 ? kD : s.channels;
   const int64_t Lq = s.num_queries, L = s.num_levels, P = s.num_points;
   const auto* value = static_cast<const scalar_t*>(prm.value);
   const auto* loc = static_cast<const acc_t*>(prm.sampling_loc);
@@ -46,8 +49,9 @@ void forward_impl(const MsdaForwardParams& prm) {
 
 #pragma omp parallel num_threads(prm.num_threads)
   {
-    std::vector<acc_t> acc_buf(static_cast<size_t>(D));
-    acc_t* acc = acc_buf.data();
+    std::vector<acc_t> acc_heap(kD > 0 ? 0 : static_cast<size_t>(D));
+    alignas(64) acc_t acc_fixed[kD > 0 ? kD : 1];
+    acc_t* acc = kD > 0 ? acc_fixed : acc_heap.data();
 #pragma omp for schedule(static)
     for (int64_t nq = 0; nq < N * Lq; ++nq) {
       const int64_t n = nq / Lq;
@@ -79,11 +83,12 @@ void forward_impl(const MsdaForwardParams& prm) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int kD>
 void backward_impl(const MsdaBackwardParams& prm) {
   using Cv = Convert<scalar_t, acc_t>;
   const MsdaShape& s = prm.shape;
-  const int64_t N = s.batch, S = s.num_keys, M = s.num_heads, D = s.channels;
+  const int64_t N = s.batch, S = s.num_keys, M = s.num_heads;
+  const int64_t D = kD > 0 ? kD : s.channels;
   const int64_t Lq = s.num_queries, L = s.num_levels, P = s.num_points;
   const auto* value = static_cast<const scalar_t*>(prm.value);
   const auto* loc = static_cast<const acc_t*>(prm.sampling_loc);
@@ -96,8 +101,9 @@ void backward_impl(const MsdaBackwardParams& prm) {
 
 #pragma omp parallel num_threads(prm.num_threads)
   {
-    std::vector<acc_t> g_buf(static_cast<size_t>(D));
-    acc_t* g = g_buf.data();
+    std::vector<acc_t> g_heap(kD > 0 ? 0 : static_cast<size_t>(D));
+    alignas(64) acc_t g_fixed[kD > 0 ? kD : 1];
+    acc_t* g = kD > 0 ? g_fixed : g_heap.data();
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < N * M * L; ++task) {
       const int64_t n = task / (M * L);
@@ -153,20 +159,38 @@ void backward_impl(const MsdaBackwardParams& prm) {
 
 }  // namespace
 
+template <typename scalar_t, typename acc_t>
+void forward_channels(const MsdaForwardParams& p) {
+  switch (p.shape.channels) {
+    case 32: return forward_impl<scalar_t, acc_t, 32>(p);
+    case 64: return forward_impl<scalar_t, acc_t, 64>(p);
+    default: return forward_impl<scalar_t, acc_t, 0>(p);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_channels(const MsdaBackwardParams& p) {
+  switch (p.shape.channels) {
+    case 32: return backward_impl<scalar_t, acc_t, 32>(p);
+    case 64: return backward_impl<scalar_t, acc_t, 64>(p);
+    default: return backward_impl<scalar_t, acc_t, 0>(p);
+  }
+}
+
 void forward(const MsdaForwardParams& p) {
   switch (p.dtype) {
-    case DType::kFloat32: return forward_impl<float, float>(p);
-    case DType::kFloat64: return forward_impl<double, double>(p);
-    case DType::kBFloat16: return forward_impl<bf16_t, float>(p);
+    case DType::kFloat32: return forward_channels<float, float>(p);
+    case DType::kFloat64: return forward_channels<double, double>(p);
+    case DType::kBFloat16: return forward_channels<bf16_t, float>(p);
     default: break;
   }
 }
 
 void backward(const MsdaBackwardParams& p) {
   switch (p.dtype) {
-    case DType::kFloat32: return backward_impl<float, float>(p);
-    case DType::kFloat64: return backward_impl<double, double>(p);
-    case DType::kBFloat16: return backward_impl<bf16_t, float>(p);
+    case DType::kFloat32: return backward_channels<float, float>(p);
+    case DType::kFloat64: return backward_channels<double, double>(p);
+    case DType::kBFloat16: return backward_channels<bf16_t, float>(p);
     default: break;
   }
 }

@@ -95,7 +95,9 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return "torch"
 
 
-def _level_geometry(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple[list[tuple[int, int]], list[int]]:
+def _level_geometry(
+    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_levels: int
+) -> tuple[list[tuple[int, int]], list[int]]:
     if not isinstance(spatial_shapes, torch.Tensor):
         raise TypeError(f"spatial_shapes: expected a tensor, got {type(spatial_shapes).__name__}")
     if not isinstance(level_start_index, torch.Tensor):
@@ -107,6 +109,8 @@ def _level_geometry(spatial_shapes: torch.Tensor, level_start_index: torch.Tenso
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] < 1:
         raise ValueError(f"spatial_shapes: expected shape (L, 2) with L >= 1, got {tuple(spatial_shapes.shape)}")
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if len(shapes) != num_levels:
+        raise ValueError(f"spatial_shapes: has {len(shapes)} levels, but sampling_locations has L = {num_levels}")
     starts = [int(s) for s in level_start_index.reshape(-1).tolist()]
     if level_start_index.dim() != 1 or len(starts) != len(shapes):
         raise ValueError(f"level_start_index: expected shape ({len(shapes)},), got {tuple(level_start_index.shape)}")
@@ -156,9 +160,7 @@ def check_arguments(
     for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
         if t.device != value.device:
             raise ValueError(f"{name}: on {t.device}, but value is on {value.device}")
-    shapes, starts = _level_geometry(spatial_shapes, level_start_index)
-    if len(shapes) != L:
-        raise ValueError(f"spatial_shapes: has {len(shapes)} levels, but sampling_locations has L = {L}")
+    shapes, starts = _level_geometry(spatial_shapes, level_start_index, L)
     total = sum(h * w for h, w in shapes)
     if total != S:
         raise ValueError(f"value: S = {S}, but spatial_shapes sum to {total} (sum of H*W)")

@@ -24,6 +24,11 @@ def ms_deform_attn_torch(
     """value [N, S, M, D], sampling_locations [N, Lq, M, L, P, 2] (x, y),
     attention_weights [N, Lq, M, L, P] -> [N, Lq, M*D]. ``level_start_index`` is
     accepted for signature parity and not needed."""
+    if value.device.type == "cpu" and value.dtype in (torch.bfloat16, torch.float16):
+        # PyTorch's CPU grid_sample in 16-bit returns NaN for some in-range grids
+        # (seen with torch 2.13); compute in float32 and round once at the end.
+        out = ms_deform_attn_torch(value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights.float())
+        return out.to(value.dtype)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else list(spatial_shapes)
