@@ -10,12 +10,19 @@ import click
 from rich.console import Console
 
 
+def _console(stderr: bool) -> Console:
+    console = Console(stderr=stderr)
+    if not console.is_terminal:  # pipes and files: wide enough for the result tables
+        console = Console(stderr=stderr, width=160)
+    return console
+
+
 @dataclass
 class App:
     verbose: int = 0
     quiet: bool = False
-    out: Console = field(default_factory=lambda: Console(soft_wrap=True))
-    err: Console = field(default_factory=lambda: Console(stderr=True))
+    out: Console = field(default_factory=lambda: _console(stderr=False))
+    err: Console = field(default_factory=lambda: _console(stderr=True))
 
     def info(self, message: str) -> None:
         if not self.quiet:

@@ -1,0 +1,116 @@
+"""Benchmark of the multi-scale deformable attention op: the native kernel and
+the pure-PyTorch (grid_sample) path side by side, forward and forward+backward,
+at the shapes a real Deformable DETR sees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import ms_deform_attn
+from .timing import measure
+
+M_HEADS, D_HEAD, N_LEVELS, N_POINTS = 8, 32, 4, 4
+
+
+@dataclass(frozen=True)
+class OpCase:
+    name: str
+    image: tuple[int, int]  # (H, W) of the input image
+    queries: int | None  # None: every token queries (encoder)
+
+
+CASES = {
+    "encoder": OpCase("encoder 800x1066", (800, 1066), None),
+    "encoder-1333": OpCase("encoder 800x1333", (800, 1333), None),
+    "decoder": OpCase("decoder 300 queries", (800, 1066), 300),
+}
+
+
+def level_shapes(image_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """Feature-map sizes at strides 8/16/32/64 as the ResNet + stride-2 conv give them."""
+    h, w = image_hw
+    shapes = []
+    for _ in range(N_LEVELS):
+        h, w = (h + 1) // 2 if shapes else -(-h // 8), (w + 1) // 2 if shapes else -(-w // 8)
+        shapes.append((h, w))
+    return shapes
+
+
+def make_inputs(case: OpCase, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = level_shapes(case.image)
+    spatial = torch.tensor(shapes, dtype=torch.int64)
+    hw = spatial[:, 0] * spatial[:, 1]
+    start = torch.cat([hw.new_zeros(1), hw.cumsum(0)[:-1]])
+    S = int(hw.sum())
+    Lq = S if case.queries is None else case.queries
+    value = torch.randn(batch, S, M_HEADS, D_HEAD, generator=g).to(device, dtype)
+    # Points scattered around each query's reference, a few pixels away, as after training.
+    ref = torch.rand(batch, Lq, 1, 1, 1, 2, generator=g)
+    offsets = torch.randn(batch, Lq, M_HEADS, N_LEVELS, N_POINTS, 2, generator=g) * 0.02
+    loc = (ref + offsets).to(device)  # float32 always: locations keep full precision
+    attn = torch.randn(batch, Lq, M_HEADS, N_LEVELS * N_POINTS, generator=g).softmax(-1)
+    attn = attn.view(batch, Lq, M_HEADS, N_LEVELS, N_POINTS).to(device, dtype)
+    return value, spatial, start, loc, attn
+
+
+def _step(backend: str, inputs, backward: bool) -> Callable[[], object]:
+    value, spatial, start, loc, attn = inputs
+    if not backward:
+
+        def fwd():
+            with torch.no_grad():
+                return ms_deform_attn(value, spatial, start, loc, attn, backend=backend)
+
+        return fwd
+    v, lo, a = (t.detach().clone().requires_grad_() for t in (value, loc, attn))
+
+    def fwd_bwd():
+        out = ms_deform_attn(v, spatial, start, lo, a, backend=backend)
+        grads = torch.autograd.grad(out, (v, lo, a), torch.ones_like(out))
+        return grads
+
+    return fwd_bwd
+
+
+def bench_op(
+    device: torch.device,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cases: list[str] | None = None,
+    batches: tuple[int, ...] = (1, 2),
+    backends: tuple[str, ...] = ("native", "torch"),
+    warmup: int = 1,
+    repeats: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """One row per (case, batch, pass) with the median ms of every backend,
+    the speed-up of the first over the others and the extra peak memory."""
+    rows = []
+    for key in cases or list(CASES):
+        case = CASES[key]
+        for batch in batches:
+            inputs = make_inputs(case, batch, dtype, device)
+            out_bytes = inputs[3].shape[0] * inputs[3].shape[1] * M_HEADS * D_HEAD * inputs[0].element_size()
+            for backward in (False, True):
+                row = {
+                    "case": case.name, "batch": batch, "pass": "fwd+bwd" if backward else "fwd",
+                    "tokens": int(inputs[0].shape[1]), "queries": int(inputs[3].shape[1]),
+                    "dtype": str(dtype).replace("torch.", ""), "output_mb": out_bytes / 2**20,
+                }
+                for backend in backends:
+                    if progress:
+                        progress(f"{case.name} b{batch} {row['pass']} {backend}")
+                    t = measure(_step(backend, inputs, backward), device, warmup=warmup, repeats=repeats)
+                    row[f"{backend}_ms"] = t.median_ms
+                    row[f"{backend}_times_ms"] = t.times_ms
+                    row[f"{backend}_peak_mb"] = None if t.peak_extra_bytes is None else t.peak_extra_bytes / 2**20
+                if len(backends) > 1:
+                    for other in backends[1:]:
+                        row[f"speedup_vs_{other}"] = row[f"{other}_ms"] / row[f"{backends[0]}_ms"]
+                rows.append(row)
+            del inputs
+    return rows
