@@ -52,6 +52,8 @@ void forward_impl(const MsdaForwardParams& prm) {
     std::vector<acc_t> acc_heap(kD > 0 ? 0 : static_cast<size_t>(D));
     alignas(64) acc_t acc_fixed[kD > 0 ? kD : 1];
     acc_t* acc = kD > 0 ? acc_fixed : acc_heap.data();
+    const std::vector<scalar_t> zero_row(static_cast<size_t>(D), Cv::store(static_cast<acc_t>(0)));
+    const scalar_t* zeros = zero_row.data();
 #pragma omp for schedule(static)
     for (int64_t nq = 0; nq < N * Lq; ++nq) {
       const int64_t n = nq / Lq;
@@ -66,13 +68,15 @@ void forward_impl(const MsdaForwardParams& prm) {
             BilinearTaps<acc_t> t;
             if (!bilinear_taps<acc_t>(loc[2 * pt], loc[2 * pt + 1], H, W, t)) continue;
             const acc_t a = attn[pt];
-            for (int c = 0; c < 4; ++c) {
-              if (!((t.inside >> c) & 1u)) continue;
-              const scalar_t* v = level + t.index[c] * row_stride;
-              const acc_t wc = a * t.weight[c];
+            // Corners outside the map read a row of zeros: one fused pass, no branches.
+            const scalar_t* v0 = (t.inside & 1u) ? level + t.index[0] * row_stride : zeros;
+            const scalar_t* v1 = (t.inside & 2u) ? level + t.index[1] * row_stride : zeros;
+            const scalar_t* v2 = (t.inside & 4u) ? level + t.index[2] * row_stride : zeros;
+            const scalar_t* v3 = (t.inside & 8u) ? level + t.index[3] * row_stride : zeros;
+            const acc_t w0 = a * t.weight[0], w1 = a * t.weight[1], w2 = a * t.weight[2], w3 = a * t.weight[3];
 #pragma omp simd
-              for (int64_t d = 0; d < D; ++d) acc[d] += wc * Cv::load(v[d]);
-            }
+            for (int64_t d = 0; d < D; ++d)
+              acc[d] += w0 * Cv::load(v0[d]) + w1 * Cv::load(v1[d]) + w2 * Cv::load(v2[d]) + w3 * Cv::load(v3[d]);
           }
         }
         scalar_t* o = out + (nq * M + m) * D;
