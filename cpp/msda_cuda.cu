@@ -1,0 +1,526 @@
+// Multi-scale deformable attention on CUDA.
+//
+// Same function as cpp/msda_cpu.cpp, same bilinear math (ddetr/bilinear.h).
+// Python passes raw pointers and the caller's stream; nothing here links
+// libtorch. The CUDA runtime is linked statically, and nothing touches the
+// driver until a kernel is launched or cuda_device_count() is called.
+//
+// Work split (forward and backward): one group of G threads per (n, q, m),
+// G a power of two <= 32 (so a group never straddles a warp), the smallest
+// one with G >= min(D / VEC, 32). Each thread owns VEC consecutive channels
+// (16-byte vectors where D and every pointer allow it: 4 float, 2 double,
+// 8 half/bf16; narrower vectors, then scalars, otherwise), and loops over
+// further VEC-chunks with stride G when D / VEC > G.
+//
+// Forward: each thread keeps VEC accumulators in the accumulation type and
+// writes its slice of the output once (the output is not zero-filled).
+//
+// Backward: per point, each thread adds attn * w_c * g to grad_value with
+// atomics (float4 / float2 vector atomics on sm_90+, scalar otherwise) and
+// forms partial dot products for grad_attn / grad_loc; the G partials are
+// summed with __shfl_xor_sync butterflies, in which every lane of the warp
+// takes part (lanes without channels, or without a live group, add zero), and
+// lane 0 of the group writes grad_attn / grad_loc, zero for a point that
+// lies outside the map. Every grad_loc / grad_attn element is written once.
+//
+// Indexing is int64 throughout; blocks walk the (n, q, m) groups in a
+// grid-stride loop, so the grid is capped and any N, Lq, M works.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+
+#include "ddetr/bilinear.h"
+#include "ddetr/msda.h"
+
+namespace ddetr {
+namespace {
+
+constexpr int kBlockThreads = 256;  // multiple of the warp size
+constexpr int kWarpSize = 32;
+constexpr int kMaxGroup = 32;       // threads per (n, q, m): a power of two <= warp size
+constexpr int kBlocksPerSmCap = 32; // grid cap = SMs * this (then grid-stride)
+// Backward: at most 128 registers per thread. Without it ptxas squeezes some
+// instantiations into 64 registers with small spills (checked with -Xptxas -v).
+constexpr int kBackwardMinBlocks = 2;
+
+// ------------------------------------------------------------- element types
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_of = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_of<T> v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Plain integer type of a vector of `kBytes` bytes: the load / store is one
+// instruction of that width (the caller guarantees the alignment).
+template <int kBytes>
+struct RawVec;
+template <>
+struct RawVec<16> {
+  using type = uint4;
+};
+template <>
+struct RawVec<8> {
+  using type = uint2;
+};
+template <>
+struct RawVec<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawVec<2> {
+  using type = unsigned short;
+};
+
+// Loads VEC elements (read-only path) and widens them to the accumulation type.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, acc_of<T> (&out)[VEC]) {
+  using Raw = typename RawVec<static_cast<int>(sizeof(T)) * VEC>::type;
+  const Raw raw = __ldg(reinterpret_cast<const Raw*>(p));
+  T v[VEC];
+  memcpy(v, &raw, sizeof(Raw));
+DDETR_UNROLL
+  for (int k = 0; k < VEC; ++k) out[k] = to_acc(v[k]);
+}
+
+// Narrows VEC accumulators to T and stores them in one instruction.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const acc_of<T> (&in)[VEC]) {
+  using Raw = typename RawVec<static_cast<int>(sizeof(T)) * VEC>::type;
+  T v[VEC];
+DDETR_UNROLL
+  for (int k = 0; k < VEC; ++k) v[k] = from_acc<T>(in[k]);
+  Raw raw;
+  memcpy(&raw, v, sizeof(Raw));
+  *reinterpret_cast<Raw*>(p) = raw;
+}
+
+// grad_value[p .. p + VEC) += v. float4 / float2 atomics exist on sm_90+ only
+// (global memory, 16 / 8-byte aligned: `vec_ok` says the base pointer is).
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(float* p, const float (&v)[VEC], bool vec_ok) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  if (vec_ok) {
+    if constexpr (VEC % 4 == 0) {
+DDETR_UNROLL
+      for (int k = 0; k < VEC; k += 4) {
+        atomicAdd(reinterpret_cast<float4*>(p + k), make_float4(v[k], v[k + 1], v[k + 2], v[k + 3]));
+      }
+      return;
+    } else if constexpr (VEC % 2 == 0) {
+DDETR_UNROLL
+      for (int k = 0; k < VEC; k += 2) atomicAdd(reinterpret_cast<float2*>(p + k), make_float2(v[k], v[k + 1]));
+      return;
+    }
+  }
+#else
+  (void)vec_ok;
+#endif
+DDETR_UNROLL
+  for (int k = 0; k < VEC; ++k) atomicAdd(p + k, v[k]);
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(double* p, const double (&v)[VEC], bool /*vec_ok*/) {
+DDETR_UNROLL
+  for (int k = 0; k < VEC; ++k) atomicAdd(p + k, v[k]);  // native on sm_60+
+}
+
+// -------------------------------------------------------------------- kernels
+
+template <typename T>
+struct ForwardArgs {
+  MsdaShape shape;
+  const T* value;
+  const acc_of<T>* loc;
+  const acc_of<T>* attn;
+  T* out;
+  int64_t num_groups;  // N * Lq * M
+  int64_t num_vec;     // D / VEC
+  int log2_group;      // G = 1 << log2_group threads per (n, q, m)
+};
+
+template <typename T>
+struct BackwardArgs {
+  MsdaShape shape;
+  const T* value;
+  const acc_of<T>* loc;
+  const acc_of<T>* attn;
+  const T* grad_out;
+  acc_of<T>* grad_value;
+  acc_of<T>* grad_loc;
+  acc_of<T>* grad_attn;
+  int64_t num_groups;
+  int64_t num_vec;
+  int log2_group;
+  bool vec_atomics;  // grad_value is aligned for the vector atomics
+};
+
+// __grid_constant__: the level tables are indexed at run time straight from
+// the parameter space, without a local-memory copy of the struct.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlockThreads) msda_forward_kernel(const __grid_constant__ ForwardArgs<T> a) {
+  using acc_t = acc_of<T>;
+  const MsdaShape& s = a.shape;
+  const int64_t S = s.num_keys, M = s.num_heads, D = s.channels, Lq = s.num_queries;
+  const int64_t L = s.num_levels, P = s.num_points, LP = L * P;
+  const int64_t row_stride = M * D;  // elements between consecutive pixels of one head
+  const int G = 1 << a.log2_group;
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int64_t groups_per_block = kBlockThreads >> a.log2_group;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * groups_per_block;
+
+  for (int64_t gid = static_cast<int64_t>(blockIdx.x) * groups_per_block + (threadIdx.x >> a.log2_group);
+       gid < a.num_groups; gid += grid_stride) {
+    const int64_t m = gid % M;
+    const int64_t n = gid / (Lq * M);
+    const T* head = a.value + (n * S * M + m) * D;  // value[n, 0, m, 0]
+    const acc_t* loc = a.loc + gid * LP * 2;
+    const acc_t* attn = a.attn + gid * LP;
+    for (int64_t v = lane; v < a.num_vec; v += G) {
+      const int64_t ch = v * VEC;
+      acc_t acc[VEC];
+DDETR_UNROLL
+      for (int k = 0; k < VEC; ++k) acc[k] = static_cast<acc_t>(0);
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t H = s.level_h[l], W = s.level_w[l];
+        const T* level = head + s.level_start[l] * row_stride + ch;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t pt = l * P + p;
+          BilinearTaps<acc_t> t;
+          if (!bilinear_taps<acc_t>(__ldg(loc + 2 * pt), __ldg(loc + 2 * pt + 1), H, W, t)) continue;
+          const acc_t aw = __ldg(attn + pt);
+DDETR_UNROLL
+          for (int c = 0; c < 4; ++c) {
+            if (!((t.inside >> c) & 1u)) continue;
+            acc_t val[VEC];
+            load_vec<T, VEC>(level + t.index[c] * row_stride, val);
+            const acc_t wc = aw * t.weight[c];
+DDETR_UNROLL
+            for (int k = 0; k < VEC; ++k) acc[k] += wc * val[k];
+          }
+        }
+      }
+      store_vec<T, VEC>(a.out + gid * D + ch, acc);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlockThreads, kBackwardMinBlocks) msda_backward_kernel(const __grid_constant__ BackwardArgs<T> a) {
+  using acc_t = acc_of<T>;
+  const MsdaShape& s = a.shape;
+  const int64_t S = s.num_keys, M = s.num_heads, D = s.channels, Lq = s.num_queries;
+  const int64_t L = s.num_levels, P = s.num_points, LP = L * P;
+  const int64_t row_stride = M * D;
+  const int G = 1 << a.log2_group;
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int64_t groups_per_block = kBlockThreads >> a.log2_group;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * groups_per_block;
+  const int64_t my_group = threadIdx.x >> a.log2_group;                       // within the block
+  const int64_t warp_first_group = (threadIdx.x & ~(kWarpSize - 1)) >> a.log2_group;
+  const bool single_chunk = a.num_vec <= G;  // then grad_output is loaded once per (n, q, m)
+
+  // Every loop bound below is uniform across the warp (base is uniform across
+  // the block), so all 32 lanes reach each __shfl_xor_sync together.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups_per_block; base < a.num_groups;
+       base += grid_stride) {
+    if (base + warp_first_group >= a.num_groups) break;  // the whole warp is past the end (warp-uniform)
+    const int64_t gid = base + my_group;
+    const bool active = gid < a.num_groups;  // lanes of a partly filled last warp still shuffle (adding 0)
+    const int64_t m = gid % M;
+    const int64_t n = gid / (Lq * M);
+    const int64_t head_off = (n * S * M + m) * D;  // value / grad_value [n, 0, m, 0]
+    const T* go = a.grad_out + gid * D;
+    const acc_t* loc = a.loc + gid * LP * 2;
+    const acc_t* attn = a.attn + gid * LP;
+
+    acc_t g[VEC];
+DDETR_UNROLL
+    for (int k = 0; k < VEC; ++k) g[k] = static_cast<acc_t>(0);
+    if (active && single_chunk && lane < a.num_vec) load_vec<T, VEC>(go + lane * VEC, g);
+
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t H = s.level_h[l], W = s.level_w[l];
+      const int64_t level_off = head_off + s.level_start[l] * row_stride;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t pt = l * P + p;
+        acc_t ga = 0, gx = 0, gy = 0, aw = 0;
+        bool valid = false;
+        if (active) {
+          BilinearTaps<acc_t> t;
+          valid = bilinear_taps<acc_t>(__ldg(loc + 2 * pt), __ldg(loc + 2 * pt + 1), H, W, t);
+          if (valid) {
+            aw = __ldg(attn + pt);
+            for (int64_t v = lane; v < a.num_vec; v += G) {
+              const int64_t ch = v * VEC;
+              if (!single_chunk) load_vec<T, VEC>(go + ch, g);
+DDETR_UNROLL
+              for (int c = 0; c < 4; ++c) {
+                if (!((t.inside >> c) & 1u)) continue;
+                const int64_t off = level_off + t.index[c] * row_stride + ch;
+                acc_t val[VEC];
+                load_vec<T, VEC>(a.value + off, val);
+                const acc_t aw_c = aw * t.weight[c];
+                acc_t dot = 0;
+                acc_t gv[VEC];
+DDETR_UNROLL
+                for (int k = 0; k < VEC; ++k) {
+                  dot += g[k] * val[k];
+                  gv[k] = aw_c * g[k];
+                }
+                atomic_add_vec<VEC>(a.grad_value + off, gv, a.vec_atomics);
+                ga += t.weight[c] * dot;
+                gx += t.dweight_dx[c] * dot;
+                gy += t.dweight_dy[c] * dot;
+              }
+            }
+          }
+        }
+        // Butterfly over the G lanes of the group: afterwards every lane holds
+        // the group's sums. Offsets < G keep the exchange inside the group.
+        for (int offset = G >> 1; offset > 0; offset >>= 1) {
+          ga += __shfl_xor_sync(0xffffffffu, ga, offset);
+          gx += __shfl_xor_sync(0xffffffffu, gx, offset);
+          gy += __shfl_xor_sync(0xffffffffu, gy, offset);
+        }
+        if (active && lane == 0) {
+          const int64_t e = gid * LP + pt;
+          a.grad_attn[e] = valid ? ga : static_cast<acc_t>(0);
+          a.grad_loc[2 * e] = valid ? static_cast<acc_t>(W) * aw * gx : static_cast<acc_t>(0);
+          a.grad_loc[2 * e + 1] = valid ? static_cast<acc_t>(H) * aw * gy : static_cast<acc_t>(0);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ launchers
+
+// Widest vector (elements of T, at most 16 bytes) that divides D and to which
+// every pointer is aligned.
+template <typename T>
+int pick_vec(int64_t D, std::initializer_list<const void*> ptrs) {
+  int vec = 16 / static_cast<int>(sizeof(T));
+  for (; vec > 1; vec >>= 1) {
+    bool ok = D % vec == 0;
+    for (const void* ptr : ptrs) ok = ok && reinterpret_cast<uintptr_t>(ptr) % (vec * sizeof(T)) == 0;
+    if (ok) break;
+  }
+  return vec;
+}
+
+// Smallest power of two >= min(num_vec, kMaxGroup).
+int log2_group_for(int64_t num_vec) {
+  int lg = 0;
+  while ((1 << lg) < kMaxGroup && (1 << lg) < num_vec) ++lg;
+  return lg;
+}
+
+// Kernel arguments and vector width (pure host code, no CUDA calls).
+template <typename T>
+ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out) {
+  const MsdaShape& s = p.shape;
+  ForwardArgs<T> a;
+  a.shape = s;
+  a.value = static_cast<const T*>(p.value);
+  a.loc = static_cast<const acc_of<T>*>(p.sampling_loc);
+  a.attn = static_cast<const acc_of<T>*>(p.attn_weight);
+  a.out = static_cast<T*>(p.output);
+  a.num_groups = s.batch * s.num_queries * s.num_heads;
+  const int vec = pick_vec<T>(s.channels, {p.value, p.output});
+  a.num_vec = s.channels / vec;
+  a.log2_group = log2_group_for(a.num_vec);
+  *vec_out = vec;
+  return a;
+}
+
+template <typename T>
+BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out) {
+  const MsdaShape& s = p.shape;
+  BackwardArgs<T> a;
+  a.shape = s;
+  a.value = static_cast<const T*>(p.value);
+  a.loc = static_cast<const acc_of<T>*>(p.sampling_loc);
+  a.attn = static_cast<const acc_of<T>*>(p.attn_weight);
+  a.grad_out = static_cast<const T*>(p.grad_output);
+  a.grad_value = static_cast<acc_of<T>*>(p.grad_value);
+  a.grad_loc = static_cast<acc_of<T>*>(p.grad_loc);
+  a.grad_attn = static_cast<acc_of<T>*>(p.grad_attn);
+  a.num_groups = s.batch * s.num_queries * s.num_heads;
+  const int vec = pick_vec<T>(s.channels, {p.value, p.grad_output});
+  a.num_vec = s.channels / vec;
+  a.log2_group = log2_group_for(a.num_vec);
+  // The vector atomics add min(vec, 4) floats at element offsets that are
+  // multiples of that width, so the base pointer must be aligned to it.
+  const size_t atomic_bytes = static_cast<size_t>(std::min(vec, 4)) * sizeof(acc_of<T>);
+  a.vec_atomics = reinterpret_cast<uintptr_t>(p.grad_value) % atomic_bytes == 0;
+  *vec_out = vec;
+  return a;
+}
+
+// A host-only test harness (tests/test_cuda_build.py) compiles everything
+// above with DDETR_MSDA_CUDA_NO_LAUNCH defined and runs the kernels on emulated
+// warps; what follows talks to the CUDA runtime.
+#ifndef DDETR_MSDA_CUDA_NO_LAUNCH
+
+// ---------------------------------------------------------------- host errors
+
+void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("ddetr CUDA: ") + what + " failed: " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+#define DDETR_CUDA_CHECK(call) cuda_check((call), #call)
+
+// Makes `device` current for the scope and restores the previous device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    DDETR_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != device) {
+      DDETR_CUDA_CHECK(cudaSetDevice(device));
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) (void)cudaSetDevice(prev_);  // never throws from a destructor
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool switched_ = false;
+};
+
+unsigned grid_for(int64_t num_groups, int log2_group, int device) {
+  int sms = 0;
+  DDETR_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t groups_per_block = kBlockThreads >> log2_group;
+  const int64_t blocks = (num_groups + groups_per_block - 1) / groups_per_block;
+  const int64_t cap = static_cast<int64_t>(std::max(sms, 1)) * kBlocksPerSmCap;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+template <typename Args, typename K>
+void launch(K kernel, const Args& a, unsigned grid, cudaStream_t stream, const char* name) {
+  kernel<<<grid, kBlockThreads, 0, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) cuda_check(err, (std::string("launch of ") + name).c_str());
+}
+
+template <typename T>
+void forward_typed(const MsdaForwardParams& p) {
+  int vec = 1;
+  const ForwardArgs<T> a = plan_forward<T>(p, &vec);
+  if (a.num_groups == 0 || p.shape.channels == 0) return;
+  DeviceGuard guard(p.device);
+  const unsigned grid = grid_for(a.num_groups, a.log2_group, p.device);
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  switch (vec) {
+    case 8:
+      if constexpr (sizeof(T) <= 2) return launch(msda_forward_kernel<T, 8>, a, grid, stream, "msda_forward_kernel");
+      break;
+    case 4:
+      if constexpr (sizeof(T) <= 4) return launch(msda_forward_kernel<T, 4>, a, grid, stream, "msda_forward_kernel");
+      break;
+    case 2: return launch(msda_forward_kernel<T, 2>, a, grid, stream, "msda_forward_kernel");
+    case 1: return launch(msda_forward_kernel<T, 1>, a, grid, stream, "msda_forward_kernel");
+    default: break;
+  }
+  throw std::logic_error("ddetr CUDA: msda forward: no kernel for vector width " + std::to_string(vec));
+}
+
+template <typename T>
+void backward_typed(const MsdaBackwardParams& p) {
+  int vec = 1;
+  const BackwardArgs<T> a = plan_backward<T>(p, &vec);
+  if (a.num_groups == 0 || p.shape.channels == 0) return;
+  DeviceGuard guard(p.device);
+  const unsigned grid = grid_for(a.num_groups, a.log2_group, p.device);
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  switch (vec) {
+    case 8:
+      if constexpr (sizeof(T) <= 2) return launch(msda_backward_kernel<T, 8>, a, grid, stream, "msda_backward_kernel");
+      break;
+    case 4:
+      if constexpr (sizeof(T) <= 4) return launch(msda_backward_kernel<T, 4>, a, grid, stream, "msda_backward_kernel");
+      break;
+    case 2: return launch(msda_backward_kernel<T, 2>, a, grid, stream, "msda_backward_kernel");
+    case 1: return launch(msda_backward_kernel<T, 1>, a, grid, stream, "msda_backward_kernel");
+    default: break;
+  }
+  throw std::logic_error("ddetr CUDA: msda backward: no kernel for vector width " + std::to_string(vec));
+}
+
+#endif  // DDETR_MSDA_CUDA_NO_LAUNCH
+}  // namespace
+
+#ifndef DDETR_MSDA_CUDA_NO_LAUNCH
+// The one dtype dispatch: float32, float64, bfloat16, float16.
+void msda_forward_cuda(const MsdaForwardParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return forward_typed<float>(p);
+    case DType::kFloat64: return forward_typed<double>(p);
+    case DType::kBFloat16: return forward_typed<__nv_bfloat16>(p);
+    case DType::kFloat16: return forward_typed<__half>(p);
+  }
+  throw std::invalid_argument("ddetr CUDA: msda forward: unsupported dtype " + std::to_string(static_cast<int>(p.dtype)));
+}
+
+void msda_backward_cuda(const MsdaBackwardParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return backward_typed<float>(p);
+    case DType::kFloat64: return backward_typed<double>(p);
+    case DType::kBFloat16: return backward_typed<__nv_bfloat16>(p);
+    case DType::kFloat16: return backward_typed<__half>(p);
+  }
+  throw std::invalid_argument("ddetr CUDA: msda backward: unsupported dtype " + std::to_string(static_cast<int>(p.dtype)));
+}
+
+// 0 when there is no driver or no device: a CPU-only machine imports and runs
+// the module. The failed query's error is cleared so it does not leak into a
+// later cudaGetLastError().
+int cuda_device_count() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+#endif  // DDETR_MSDA_CUDA_NO_LAUNCH
+
+}  // namespace ddetr
