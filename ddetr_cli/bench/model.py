@@ -1,0 +1,170 @@
+"""End-to-end inference latency of R50 Deformable DETR (random weights).
+
+Cases: our model with the native op, our model with the PyTorch (grid_sample)
+op, and — when transformers is importable — Hugging Face's
+``DeformableDetrForObjectDetection`` with the same architecture (transformers'
+own ResNet-50, no timm, nothing downloaded). Each case is timed whole and split
+into backbone / encoder / decoder with forward hooks (CUDA is synchronised at
+every boundary, so the split adds a few syncs to the CUDA total).
+
+On the CPU, denormal floats are flushed to zero while the benchmark runs:
+random weights can drive activations into the denormal range, where x86 FPUs
+are 10-100x slower, and that would time the FPU rather than the model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+class _SplitTimer:
+    """Accumulates wall time spent inside named sub-modules (hooks)."""
+
+    def __init__(self, device: torch.device, parts: dict[str, nn.Module]) -> None:
+        self.device = device
+        self.totals = {name: 0.0 for name in parts}
+        self._start: dict[str, float] = {}
+        self._handles = []
+        for name, module in parts.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _pre(self, name: str):
+        def hook(module, args):
+            self._sync()
+            self._start[name] = time.perf_counter()
+        return hook
+
+    def _post(self, name: str):
+        def hook(module, args, output):
+            self._sync()
+            self.totals[name] += (time.perf_counter() - self._start.pop(name)) * 1e3
+        return hook
+
+    def reset(self) -> None:
+        self.totals = {name: 0.0 for name in self.totals}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _time_case(fn: Callable[[], object], device: torch.device, parts: dict[str, nn.Module], *, warmup: int,
+               repeats: int) -> dict[str, float]:
+    timer = _SplitTimer(device, parts)
+    try:
+        for _ in range(warmup):
+            fn()
+        totals, splits = [], {name: [] for name in parts}
+        for _ in range(repeats):
+            timer.reset()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            totals.append((time.perf_counter() - t0) * 1e3)
+            for name, ms in timer.totals.items():
+                splits[name].append(ms)
+    finally:
+        timer.close()
+    return {"total": statistics.median(totals), **{name: statistics.median(v) for name, v in splits.items()}}
+
+
+def _hf_model(device: torch.device) -> nn.Module | None:
+    try:
+        from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+    except ImportError:
+        return None
+    backbone = ResNetConfig(out_features=["stage2", "stage3", "stage4"])  # ResNet-50 (bottleneck 3-4-6-3)
+    config = DeformableDetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                                  num_labels=91, num_queries=300)
+    return DeformableDetrForObjectDetection(config).to(device).eval()
+
+
+def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1, height: int = 800,
+                width: int = 1066, warmup: int = 1, repeats: int = 3, include_hf: bool = True,
+                progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Returns one row per case::
+
+        {"name", "ms_per_img", "ratio", "ratio_vs", "backbone_ms", "encoder_ms", "decoder_ms",
+         "total_ms", "batch", "height", "width", "dtype", "device"}
+
+    ``ratio`` is reference time / this time (> 1: faster than the reference),
+    the reference being HF when it ran, else our model with the torch op. The
+    split columns are per image too.
+    """
+    from ..models import build_model, preset
+
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    autocast_dtype = DTYPES[dtype]
+    say = progress or (lambda msg: None)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, height, width, generator=gen).to(device)
+    rows: list[dict] = []
+
+    def add(name: str, times: dict[str, float]) -> None:
+        rows.append({
+            "name": name, "ms_per_img": times["total"] / batch, "ratio": None, "ratio_vs": None,
+            "backbone_ms": times["backbone"] / batch, "encoder_ms": times["encoder"] / batch,
+            "decoder_ms": times["decoder"] / batch, "total_ms": times["total"], "batch": batch,
+            "height": height, "width": width, "dtype": dtype, "device": str(device),
+        })
+
+    flush = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        torch.manual_seed(0)
+        ours = build_model(preset("r50")).to(device).eval()
+        parts = {"backbone": ours.backbone, "encoder": ours.transformer.encoder, "decoder": ours.transformer.decoder}
+
+        def run_ours() -> object:
+            with torch.inference_mode(), autocast():
+                return ours(images)
+
+        for backend in ("native", "torch"):
+            say(f"ddetr + {backend} op")
+            ours.set_msda_backend(backend)
+            add(f"ddetr ({backend} op)", _time_case(run_ours, device, parts, warmup=warmup, repeats=repeats))
+        del ours
+
+        reference = "ddetr (torch op)"
+        hf = _hf_model(device) if include_hf else None
+        if hf is not None:
+            say("transformers DeformableDetrForObjectDetection")
+            pixel_mask = torch.ones(batch, height, width, dtype=torch.long, device=device)
+            hf_parts = {"backbone": hf.model.backbone, "encoder": hf.model.encoder, "decoder": hf.model.decoder}
+
+            def run_hf() -> object:
+                with torch.inference_mode(), autocast():
+                    return hf(pixel_values=images, pixel_mask=pixel_mask)
+
+            add("transformers", _time_case(run_hf, device, hf_parts, warmup=warmup, repeats=repeats))
+            reference = "transformers"
+            del hf
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    ref_ms = next(r["ms_per_img"] for r in rows if r["name"] == reference)
+    for r in rows:
+        r["ratio"] = ref_ms / r["ms_per_img"]
+        r["ratio_vs"] = reference
+    return rows

@@ -1,0 +1,103 @@
+"""Multi-scale deformable attention module (MSDeformAttn).
+
+Parameter names and initialisation follow the official module: a zero
+``sampling_offsets`` weight with the radial grid bias (head h points at angle
+2*pi*h/M, point p at distance p+1), zero ``attention_weights``, xavier
+``value_proj``/``output_proj`` with zero bias. Sampling locations and attention
+weights are computed in float32 (also under bf16/fp16 autocast).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.msda import ms_deform_attn
+
+
+def grid_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:
+    """The official sampling-offset bias init -> [M*L*P*2]."""
+    thetas = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)  # [M]
+    grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # [M, 2]
+    grid = grid / grid.abs().max(-1, keepdim=True)[0]  # on the unit square
+    grid = grid.view(n_heads, 1, 1, 2).repeat(1, n_levels, n_points, 1)  # [M, L, P, 2]
+    grid = grid * torch.arange(1, n_points + 1, dtype=torch.float32).view(1, 1, n_points, 1)
+    return grid.flatten()
+
+
+class MSDeformAttn(nn.Module):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"MSDeformAttn: d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.backend = backend
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.zeros_(self.sampling_offsets.weight)
+            self.sampling_offsets.bias.copy_(grid_bias(self.n_heads, self.n_levels, self.n_points))
+            nn.init.zeros_(self.attention_weights.weight)
+            nn.init.zeros_(self.attention_weights.bias)
+            nn.init.xavier_uniform_(self.value_proj.weight)
+            nn.init.zeros_(self.value_proj.bias)
+            nn.init.xavier_uniform_(self.output_proj.weight)
+            nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        input_padding_mask: torch.Tensor | None = None,
+        offset_normalizer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: [N, Lq, C] (position embedding already added).
+            reference_points: [N, Lq, L, 2] normalized (x, y) in [0, 1], or
+                [N, Lq, L, 4] boxes (cx, cy, w, h) whose w, h scale the offsets.
+            input_flatten: [N, S, C] values of all levels, flattened.
+            spatial_shapes: [L, 2] int64 (H, W), on the CPU preferably.
+            level_start_index: [L] int64.
+            input_padding_mask: [N, S] bool, True = padding (its values are zeroed).
+            offset_normalizer: optional [L, 2] float32 (W, H) on query's device,
+                precomputed once per forward by the caller (saves a copy per layer).
+
+        Returns:
+            [N, Lq, C].
+        """
+        N, Lq, _ = query.shape
+        S = input_flatten.shape[1]
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(input_flatten)  # [N, S, C]
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(N, S, M, self.d_model // M)  # [N, S, M, D]
+        offsets = self.sampling_offsets(query).float().view(N, Lq, M, L, P, 2)  # [N, Lq, M, L, P, 2]
+        weights = self.attention_weights(query).float().view(N, Lq, M, L * P)
+        weights = F.softmax(weights, -1).view(N, Lq, M, L, P)  # [N, Lq, M, L, P]
+        ref = reference_points.float()
+        if ref.shape[-1] == 2:
+            if offset_normalizer is None:
+                offset_normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=torch.float32)  # [L, 2] (W, H)
+            # ref + offsets / (W, H), in one pass
+            locations = torch.addcdiv(ref[:, :, None, :, None, :], offsets, offset_normalizer[None, None, None, :, None, :])
+        elif ref.shape[-1] == 4:
+            locations = ref[:, :, None, :, None, :2] + offsets / P * ref[:, :, None, :, None, 2:] * 0.5
+        else:
+            raise ValueError(f"reference_points: last dim must be 2 or 4, got {tuple(reference_points.shape)}")
+        # locations [N, Lq, M, L, P, 2]
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # [N, Lq, C]
+        return self.output_proj(out)
