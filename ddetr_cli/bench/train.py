@@ -1,0 +1,90 @@
+"""Training throughput: R50 Deformable DETR at the official recipe
+(AdamW with the official parameter groups, grad clip 0.1, focal set loss with
+aux losses), on random images and random targets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _random_targets(batch: int, num_classes: int, g: torch.Generator, device: torch.device) -> list[dict]:
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(1, 11, (1,), generator=g))
+        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2  # [n, 2]
+        wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05  # [n, 2]
+        targets.append({
+            "labels": torch.randint(0, num_classes, (n,), generator=g).to(device),
+            "boxes": torch.cat([cxcy, wh], 1).to(device),
+        })
+    return targets
+
+
+def bench_train(
+    device: torch.device | str,
+    *,
+    batch: int = 2,
+    height: int = 800,
+    width: int = 1066,
+    iters: int = 3,
+    warmup: int = 1,
+    amp: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    preset_name: str = "r50",
+) -> dict:
+    """Times ``iters`` full training steps (forward + loss + backward + clip +
+    AdamW step) after ``warmup`` untimed ones. ``amp``: None/'off', 'bf16',
+    'fp16', 'auto'. ``progress(done, total)`` is called after every step.
+    Returns images/s, seconds per iteration and peak CUDA memory."""
+    from ..engine.amp import amp_dtype, needs_grad_scaler
+    from ..engine.config import TrainConfig
+    from ..engine.optim import build_optimizer
+    from ..engine.train import build_criterion, train_step
+    from ..models import build_model, preset
+
+    device = torch.device(device)
+    cfg = TrainConfig(amp=amp or "off")
+    model = build_model(preset(preset_name)).to(device).train()
+    num_classes = model.config.num_classes
+    criterion = build_criterion(cfg, num_classes)
+    optimizer = build_optimizer(model, cfg)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(dtype, device) else None
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, height, width, generator=g).to(device)  # [B, 3, H, W]
+    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)  # [B, H, W]
+    targets = _random_targets(batch, num_classes, g, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    total = warmup + iters
+    times: list[float] = []
+    for i in range(total):
+        sync()
+        t0 = time.perf_counter()
+        train_step(model, criterion, optimizer, images, mask, targets, clip_max_norm=cfg.clip_max_norm, dtype=dtype, scaler=scaler)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress(i + 1, total)
+    per_iter = sum(times) / len(times) if times else float("nan")
+    return {
+        "model": preset_name,
+        "device": str(device),
+        "batch": batch,
+        "height": height,
+        "width": width,
+        "amp": str(dtype).replace("torch.", "") if dtype is not None else "off",
+        "iters": iters,
+        "sec_per_iter": per_iter,
+        "images_per_s": batch / per_iter if times else float("nan"),
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }

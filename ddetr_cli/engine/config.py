@@ -1,0 +1,252 @@
+"""``TrainConfig``: every training knob in one typed dataclass.
+
+Resolution order (later wins): dataclass defaults < the built-in ``shapes``
+recipe (for the synthetic dataset) < ``train:`` section of the dataset YAML <
+``train:`` section of a ``--config`` YAML < command-line options. The ``model:``
+sections are kept separately (:attr:`TrainConfig.model_overrides`) and applied to
+the model preset. Unknown keys raise :class:`TrainConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class TrainConfigError(ValueError):
+    """Bad training configuration; the message names the file and/or field."""
+
+
+AMP_MODES = ("off", "auto", "bf16", "fp16")
+VARIANTS = ("base", "refine", "two-stage")
+
+
+@dataclass
+class TrainConfig:
+    # schedule
+    epochs: int = 50
+    batch_size: int = 2
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    lr_drop: int | None = None  # epoch of the x0.1 drop; None -> 80% of `epochs` (official 40/50)
+    warmup_iters: int = 0
+    ema: bool = False
+    ema_decay: float = 0.9998
+    ema_warmup: int = 2000  # EMA decay ramps as decay * (1 - exp(-updates / ema_warmup))
+    amp: str = "off"  # off | auto | bf16 | fp16
+    # data
+    workers: int = 2
+    device: str = "auto"
+    imgsz: int = 800  # largest (shorter-side) training scale
+    min_scale: int = 480
+    scale_step: int = 32
+    max_size: int = 1333
+    eval_size: int = 800
+    eval_max_size: int = 1333
+    crop: bool = True
+    crop_min: int = 384
+    crop_max: int = 600
+    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    # run control
+    data: str | None = None  # dataset YAML or "shapes" (recorded for --resume)
+    seed: int = 42
+    save_every_iters: int = 0
+    eval_every: int = 1  # epochs
+    max_iters: int = 0  # stop after this many optimizer steps in total (0: no limit)
+    time_limit: float | None = None  # minutes; stop cleanly (with a checkpoint) after this
+    project: str = "runs/train"
+    name: str = "exp"
+    out: str | None = None
+    weights: str | None = None
+    pretrained_backbone: str | None = None  # torchvision ResNet-50 .pth for ImageNet init
+    # model
+    model: str = "r50"  # preset name or a YAML file of ModelConfig fields
+    variant: str | None = None  # base | refine | two-stage; None: as the model preset
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # loss
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    focal_alpha: float = 0.25
+    aux_loss: bool = True
+
+    def effective_lr_drop(self) -> int:
+        return self.lr_drop if self.lr_drop is not None else max(1, round(self.epochs * 0.8))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        return merge(cls(), data, source)
+
+    def validate(self) -> TrainConfig:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise TrainConfigError(f"{key}: {msg}")
+
+        need(self.epochs >= 1, "epochs", f"must be >= 1 (got {self.epochs})")
+        need(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
+        need(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        need(self.lr_backbone >= 0, "lr_backbone", "must be >= 0")
+        need(self.workers >= 0, "workers", "must be >= 0")
+        need(self.imgsz >= 32, "imgsz", f"must be >= 32 (got {self.imgsz})")
+        need(self.min_scale <= self.imgsz, "min_scale", f"{self.min_scale} is larger than imgsz {self.imgsz}")
+        need(self.scale_step >= 1, "scale_step", "must be >= 1")
+        need(self.amp in AMP_MODES, "amp", f"{self.amp!r} is not one of {', '.join(AMP_MODES)}")
+        need(self.variant is None or self.variant in VARIANTS, "variant", f"{self.variant!r} is not one of {', '.join(VARIANTS)}")
+        need(self.save_every_iters >= 0, "save_every_iters", "must be >= 0")
+        need(self.eval_every >= 1, "eval_every", "must be >= 1")
+        need(self.time_limit is None or self.time_limit > 0, "time_limit", "must be > 0 minutes")
+        need(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
+        need(self.lr_drop is None or self.lr_drop >= 1, "lr_drop", "must be >= 1")
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_ALIASES = {"batch": "batch_size", "batch-size": "batch_size", "time-limit": "time_limit", "save_every": "save_every_iters"}
+
+
+def _coerce(key: str, value: Any, current: Any, source: str) -> Any:
+    ftype = str(_FIELDS[key].type)
+    if value is None:
+        if "None" in ftype:
+            return None
+        raise TrainConfigError(f"{source}: {key}: must not be empty")
+    try:
+        if ftype.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise TypeError
+        if ftype.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if ftype.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if ftype.startswith("str"):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+        if ftype.startswith("list"):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [int(v) for v in value]
+        if ftype.startswith("dict"):
+            if not isinstance(value, dict):
+                raise TypeError
+            return {**current, **value}
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"{source}: {key}: expected {ftype}, got {value!r}") from None
+    return value
+
+
+def merge(cfg: TrainConfig, updates: dict[str, Any] | None, source: str) -> TrainConfig:
+    """Returns a copy of ``cfg`` with ``updates`` applied (keys checked, values coerced)."""
+    if not updates:
+        return dataclasses.replace(cfg)
+    if not isinstance(updates, dict):
+        raise TrainConfigError(f"{source}: expected a mapping of training options, got {type(updates).__name__}")
+    values = cfg.to_dict()
+    for raw_key, value in updates.items():
+        key = _ALIASES.get(str(raw_key), str(raw_key).replace("-", "_"))
+        if key not in _FIELDS:
+            close = [k for k in _FIELDS if k.startswith(key[:4])]
+            hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+            raise TrainConfigError(f"{source}: unknown training option {raw_key!r}{hint}")
+        values[key] = _coerce(key, value, values[key], source)
+    return TrainConfig(**values)
+
+
+def read_config_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads a ``--config`` YAML: returns (train section, model section). A file
+    without sections is taken as a flat train section."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise TrainConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{path}: expected a mapping at the top level")
+    if "train" in data or "model" in data:
+        extra = [k for k in data if k not in ("train", "model")]
+        if extra:
+            raise TrainConfigError(f"{path}: unknown top-level key {extra[0]!r} (expected 'train' and/or 'model')")
+        train, model = data.get("train") or {}, data.get("model") or {}
+        for name, sec in (("train", train), ("model", model)):
+            if not isinstance(sec, dict):
+                raise TrainConfigError(f"{path}: '{name}' must be a mapping")
+        return train, model
+    return data, {}
+
+
+# Tuned for the synthetic `shapes` dataset (128-px images, 1-4 shapes, 3 classes)
+# and `--time-limit 20` on a CPU with the tiny preset: small batches for many
+# updates, full lr for the from-scratch backbone, no crops, 96-128 px scales, a short warm-up, EMA
+# weights for evaluation; with a time limit the lr drops at 80% of the budget.
+SHAPES_RECIPE: dict[str, Any] = {
+    "model": "tiny",
+    "imgsz": 128,
+    "min_scale": 96,
+    "scale_step": 16,
+    "max_size": 160,
+    "eval_size": 128,
+    "eval_max_size": 160,
+    "crop": False,
+    "batch_size": 8,
+    "lr": 4e-4,
+    "lr_backbone": 4e-4,  # the backbone starts from scratch here (no ImageNet weights): full lr
+    "epochs": 60,
+    "warmup_iters": 200,
+    "ema": True,
+    "ema_decay": 0.999,
+    "ema_warmup": 500,
+    "workers": 2,
+    "name": "shapes",
+}
+
+
+def resolve(
+    *,
+    dataset_source: str | None,
+    dataset_train: dict[str, Any] | None,
+    dataset_model: dict[str, Any] | None,
+    config_path: str | Path | None,
+    cli: dict[str, Any],
+) -> TrainConfig:
+    """Applies every layer in order and validates the result."""
+    cfg = TrainConfig()
+    if dataset_source == "shapes":
+        cfg = merge(cfg, SHAPES_RECIPE, "shapes recipe")
+    src = dataset_source or "dataset YAML"
+    cfg = merge(cfg, dataset_train, f"{src}: train")
+    if dataset_model:
+        cfg = merge(cfg, {"model_overrides": dict(dataset_model)}, f"{src}: model")
+    if config_path is not None:
+        train, model = read_config_yaml(config_path)
+        cfg = merge(cfg, train, f"{config_path}: train")
+        if model:
+            cfg = merge(cfg, {"model_overrides": dict(model)}, f"{config_path}: model")
+    cfg = merge(cfg, {k: v for k, v in cli.items() if v is not None}, "command line")
+    return cfg.validate()

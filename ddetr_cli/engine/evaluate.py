@@ -1,0 +1,150 @@
+"""COCO bbox evaluation of a model over a dataset split.
+
+Detections are decoded at each image's original size by
+:func:`ddetr_cli.models.postprocess` (top-k over queries x classes), mapped from contiguous class indices
+to the dataset's category ids, gathered across processes, and scored by
+pycocotools' COCOeval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import distributed as dist_utils
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+@dataclass
+class EvalResult:
+    stats: list[float]  # the 12 COCOeval numbers, in STAT_NAMES order
+    per_class: dict[int, float]  # category id -> AP@[.5:.95] (-1: no ground truth)
+    summary: str  # COCOeval.summarize() text, verbatim
+    detections: list[dict] = field(default_factory=list)  # COCO results format
+    num_images: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(STAT_NAMES, self.stats))
+
+
+def to_coco_results(
+    image_id: int, scores: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, label_to_cat: Sequence[int | None]
+) -> list[dict]:
+    """One image's detections -> COCO results dicts (xywh, original category ids).
+    Classes mapped to None are dropped."""
+    out = []
+    for s, lab, b in zip(scores.tolist(), labels.tolist(), boxes.tolist()):
+        cat = label_to_cat[lab] if lab < len(label_to_cat) else None
+        if cat is None:
+            continue
+        x0, y0, x1, y1 = b
+        out.append({"image_id": int(image_id), "category_id": int(cat), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
+    return out
+
+
+def coco_evaluate(coco_gt, detections: list[dict], image_ids: Sequence[int] | None = None) -> EvalResult:
+    """pycocotools COCOeval (bbox) of ``detections`` against ``coco_gt``, restricted
+    to ``image_ids`` when given. Returns the 12 stats, per-class AP and the summary."""
+    from pycocotools.cocoeval import COCOeval
+
+    img_ids = sorted(set(int(i) for i in (image_ids if image_ids is not None else coco_gt.getImgIds())))
+    cat_ids = sorted(coco_gt.getCatIds())
+    if not detections:
+        stats = [0.0] * 12
+        summary = "no detections: every AP/AR is 0"
+        return EvalResult(stats, {c: (0.0 if coco_gt.getAnnIds(catIds=[c], imgIds=img_ids) else -1.0) for c in cat_ids}, summary, [], len(img_ids))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.params.imgIds = img_ids
+        ev.evaluate()
+        ev.accumulate()
+    sbuf = io.StringIO()
+    with contextlib.redirect_stdout(sbuf):
+        ev.summarize()
+    precision = ev.eval["precision"]  # [T, R, K, A, M]
+    per_class: dict[int, float] = {}
+    for k, cat in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[int(cat)] = float(np.mean(p)) if p.size else -1.0
+    return EvalResult([float(s) for s in ev.stats], per_class, sbuf.getvalue().rstrip("\n"), list(detections), len(img_ids))
+
+
+@torch.no_grad()
+def run_inference(
+    model: torch.nn.Module,
+    loader,
+    label_to_cat: Sequence[int | None],
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    top_k: int = 100,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[dict], list[int]]:
+    """Runs the model over ``loader`` (batches of (images, padding_mask, targets))
+    on this process; returns (COCO results, image ids seen)."""
+    from ..models.postprocess import postprocess
+
+    was_training = model.training
+    model.eval()
+    results: list[dict] = []
+    seen: list[int] = []
+    try:
+        for images, mask, targets in loader:
+            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = model(images, mask)
+            orig = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(device)  # [B, 2]
+            for t, det in zip(targets, postprocess(outputs, orig, top_k=top_k)):
+                iid = int(t["image_id"])
+                seen.append(iid)
+                results.extend(to_coco_results(iid, det["scores"].cpu(), det["labels"].cpu(), det["boxes"].cpu(), label_to_cat))
+            if on_batch is not None:
+                on_batch(len(targets))
+    finally:
+        model.train(was_training)
+    return results, seen
+
+
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    coco_gt,
+    label_to_cat: Sequence[int | None],
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    top_k: int = 100,
+    on_batch: Callable[[int], None] | None = None,
+) -> EvalResult | None:
+    """Inference on every process, gather, COCOeval on rank 0. Returns the result
+    on rank 0 and None on other ranks."""
+    results, seen = run_inference(model, loader, label_to_cat, device, amp_dtype=amp_dtype, top_k=top_k, on_batch=on_batch)
+    gathered = dist_utils.all_gather_object((results, seen))
+    if not dist_utils.is_main_process():
+        return None
+    all_results = [r for part, _ in gathered for r in part]
+    all_seen = [i for _, ids in gathered for i in ids]
+    return coco_evaluate(coco_gt, all_results, all_seen)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Deterministic, non-padding split of ``range(n)`` over processes
+    (rank r takes r, r+W, ...), so no image is evaluated twice."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -1,0 +1,40 @@
+"""AdamW with the official Deformable DETR parameter groups."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Three groups: the rest (``lr``), the backbone (names starting ``backbone.0``,
+    ``lr_backbone``; frozen when it is 0) and the sampling-offset / reference-point
+    projections (``lr * lr_linear_proj_mult``). Each group records ``base_lr``."""
+    main, backbone, proj = [], [], []
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.0"):
+            if cfg.lr_backbone <= 0:
+                p.requires_grad_(False)
+                continue
+            if p.requires_grad:
+                backbone.append(p)
+        elif not p.requires_grad:
+            continue
+        elif any(k in name for k in LINEAR_PROJ_NAMES):
+            proj.append(p)
+        else:
+            main.append(p)
+    groups = [
+        {"params": main, "lr": cfg.lr, "base_lr": cfg.lr, "name": "main"},
+        {"params": backbone, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone, "name": "backbone"},
+        {"params": proj, "lr": cfg.lr * cfg.lr_linear_proj_mult, "base_lr": cfg.lr * cfg.lr_linear_proj_mult, "name": "linear_proj"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)

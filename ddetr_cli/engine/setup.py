@@ -1,0 +1,152 @@
+"""Assembling a training run from configs: model config, datasets, weights.
+
+Everything here raises ValueError subclasses with one-line messages naming the
+file or field, before any training starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import TrainConfig, TrainConfigError
+from .labelmap import ClassMismatchError, resolve_label_map
+
+_MODEL_META_KEYS = ("preset", "name", "variant")
+
+
+def build_model_config(cfg: TrainConfig, num_classes: int, base: Any | None = None):
+    """ModelConfig for training: ``base`` (e.g. a fine-tuning checkpoint's config)
+    or the preset / YAML named by ``cfg.model``, then ``cfg.variant``, then the
+    ``model:`` overrides, with ``num_classes`` set to the dataset's."""
+    from ..models import ModelConfig, preset
+    from ..models.config import PRESETS, apply_variant
+
+    overrides = dict(cfg.model_overrides)
+    overrides.pop("num_classes", None)
+    name = overrides.pop("preset", None) or overrides.pop("name", None)
+    variant = overrides.pop("variant", None)
+    if base is not None and name is None:
+        mc = base
+    else:
+        name = name or cfg.model
+        if name in PRESETS:
+            mc = preset(name)
+        else:
+            path = Path(name)
+            if not path.is_file():
+                raise TrainConfigError(f"--model: {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file")
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise TrainConfigError(f"{path}: malformed YAML{where}") from None
+            if not isinstance(data, dict):
+                raise TrainConfigError(f"{path}: expected a mapping of model config fields")
+            data = dict(data)
+            inner = data.pop("preset", None)
+            try:
+                mc = preset(inner, **data) if inner else ModelConfig.from_dict(data, source=str(path))
+            except ValueError as exc:
+                raise TrainConfigError(f"{path}: {exc}") from None
+    try:
+        v = cfg.variant or variant
+        if v:
+            mc = apply_variant(mc, v)
+        mc = mc.replace(**overrides, num_classes=num_classes)
+        if cfg.aux_loss is False:
+            mc = mc.replace(aux_loss=False)
+    except ValueError as exc:
+        raise TrainConfigError(str(exc)) from None
+    return mc
+
+
+@dataclass
+class Datasets:
+    train: Any
+    val: Any
+    category_ids: list[int]
+    class_names: list[str]
+
+
+def build_datasets(cfg: TrainConfig, dc) -> Datasets:
+    """Train / val CocoDetection with the configured transforms. ``dc``: a
+    ``DatasetConfig``. Raises DatasetError / TrainConfigError."""
+    from ..data import CocoDetection, DatasetError, default_train_scales, make_eval_transforms, make_train_transforms
+    from ..data.transforms import Compose, RandomHorizontalFlip, RandomResize, ToTensorNormalize
+
+    try:
+        scales = default_train_scales(cfg.imgsz, cfg.min_scale, cfg.scale_step)
+    except ValueError as exc:
+        raise TrainConfigError(f"imgsz/min_scale/scale_step: {exc}") from None
+    if cfg.crop:
+        train_tf = make_train_transforms(scales, cfg.max_size, crop=(cfg.crop_min, cfg.crop_max), crop_scales=cfg.crop_scales)
+    else:
+        train_tf = Compose([RandomHorizontalFlip(), RandomResize(scales, max_size=cfg.max_size), ToTensorNormalize()])
+    train = CocoDetection(dc.train.images, dc.train.annotations, train_tf)
+    if len(train) == 0:
+        raise DatasetError(f"{dc.train.annotations}: the training split has no images")
+    if train.num_classes == 0:
+        raise DatasetError(f"{dc.train.annotations}: the training split has no categories")
+    val = CocoDetection(dc.val.images, dc.val.annotations, make_eval_transforms(cfg.eval_size, cfg.eval_max_size), category_ids=list(train.category_ids))
+    if len(val) == 0:
+        raise DatasetError(f"{dc.val.annotations}: the validation split has no images")
+    names = list(dc.names) if dc.names else list(train.class_names)
+    if len(names) != train.num_classes:
+        raise DatasetError(
+            f"{dc.source}: 'names' lists {len(names)} classes but {dc.train.annotations} has {train.num_classes} categories"
+        )
+    return Datasets(train, val, list(train.category_ids), names)
+
+
+def transfer_weights(model, state: dict, src_category_ids: list[int] | None, src_num_classes: int, dst_category_ids: list[int]) -> list[str]:
+    """Loads ``state`` into ``model`` for fine-tuning. Class-head rows are mapped by
+    category id when the source covers the destination ids; otherwise the class
+    head keeps its fresh initialisation. Other shape mismatches are skipped.
+    Returns human-readable notes on what was not transferred."""
+    import torch
+
+    notes: list[str] = []
+    own = model.state_dict()
+    rows: list[int] | None = None
+    try:
+        label_map = resolve_label_map(src_num_classes, src_category_ids, dst_category_ids, what="--weights checkpoint")
+        pos = {c: i for i, c in enumerate(label_map) if c is not None}
+        rows = [pos[c] for c in dst_category_ids] if all(c in pos for c in dst_category_ids) else None
+    except ClassMismatchError:
+        rows = None
+    new_state: dict[str, torch.Tensor] = {}
+    reinit_head = False
+    skipped: list[str] = []
+    for k, v in state.items():
+        if k not in own:
+            continue
+        if "class_embed" in k and v.shape[:1] == (src_num_classes,) and own[k].shape[:1] == (len(dst_category_ids),):
+            if rows is not None:
+                new_state[k] = v[rows].clone()
+            else:
+                reinit_head = True
+            continue
+        if own[k].shape != v.shape:
+            skipped.append(k)
+            continue
+        new_state[k] = v
+    missing = [k for k in own if k not in new_state]
+    model.load_state_dict(new_state, strict=False)
+    if rows is not None and rows != list(range(src_num_classes)):
+        notes.append(f"class head: {src_num_classes} -> {len(dst_category_ids)} classes, rows taken by category id")
+    if reinit_head:
+        notes.append(
+            f"class head re-initialised: checkpoint has {src_num_classes} classes, dataset has {len(dst_category_ids)} "
+            "(no category ids to map them by)"
+        )
+    if skipped:
+        notes.append(f"{len(skipped)} tensor(s) with other shapes not loaded (e.g. {skipped[0]})")
+    other_missing = [k for k in missing if "class_embed" not in k]
+    if other_missing:
+        notes.append(f"{len(other_missing)} tensor(s) missing from the checkpoint kept their initialisation (e.g. {other_missing[0]})")
+    return notes
