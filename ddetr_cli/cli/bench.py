@@ -123,7 +123,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
 
             report["train"] = bench_train(dev, batch=(batches or (2,))[0], height=imgsz[0], width=imgsz[1],
                                           iters=repeats, warmup=warmup, amp=None if dtype == "float32" else dtype,
-                                          progress=progress)
+                                          progress=lambda done, total: progress(f"training step {done}/{total}"))
         if not model_bench and not train_bench:
             from ..bench.op import bench_op
             from ..ops import native_supports
