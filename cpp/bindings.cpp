@@ -137,22 +137,39 @@ int threads(int num_threads) {
   return num_threads;
 }
 
-void forward(const std::string& device, int device_index, const std::string& dtype, const std::vector<int64_t>& sizes,
-             const std::vector<std::pair<int64_t, int64_t>>& spatial_shapes, const std::vector<int64_t>& level_start,
-             const Buffers& buffers, uintptr_t stream, int num_threads) {
+using SpatialShapes = std::vector<std::pair<int64_t, int64_t>>;
+
+// Checks the device, sizes and the three input buffers, and fills the fields
+// the forward and backward params share. Sets `c` for the caller's own buffers.
+template <typename Params>
+Params prepare(const std::string& device, int device_index, const std::string& dtype, const std::vector<int64_t>& sizes,
+               const SpatialShapes& spatial_shapes, const std::vector<int64_t>& level_start, const Buffers& buffers,
+               uintptr_t stream, int num_threads, Common& c) {
   check_device(device, device_index);
-  const Common c = common(dtype, sizes, spatial_shapes, level_start);
-  ddetr::MsdaForwardParams p;
+  c = common(dtype, sizes, spatial_shapes, level_start);
+  Params p;
   p.shape = c.shape;
   p.dtype = c.dtype;
-  const int64_t es = elem_size(c.dtype), as = acc_size(c.dtype);
-  p.value = take(buffers, "value", c.n_value, es);
-  p.sampling_loc = take(buffers, "sampling_locations", c.n_loc, as);
-  p.attn_weight = take(buffers, "attention_weights", c.n_attn, as);
-  p.output = const_cast<void*>(take(buffers, "output", c.n_out, es));
+  p.value = take(buffers, "value", c.n_value, elem_size(c.dtype));
+  p.sampling_loc = take(buffers, "sampling_locations", c.n_loc, acc_size(c.dtype));
+  p.attn_weight = take(buffers, "attention_weights", c.n_attn, acc_size(c.dtype));
   p.num_threads = threads(num_threads);
   p.device = device_index;
   p.stream = reinterpret_cast<void*>(stream);
+  return p;
+}
+
+void* take_mut(const Buffers& bufs, const char* name, int64_t expected_numel, int64_t elem_bytes) {
+  return const_cast<void*>(take(bufs, name, expected_numel, elem_bytes));
+}
+
+void forward(const std::string& device, int device_index, const std::string& dtype, const std::vector<int64_t>& sizes,
+             const SpatialShapes& spatial_shapes, const std::vector<int64_t>& level_start, const Buffers& buffers,
+             uintptr_t stream, int num_threads) {
+  Common c;
+  auto p = prepare<ddetr::MsdaForwardParams>(device, device_index, dtype, sizes, spatial_shapes, level_start, buffers,
+                                             stream, num_threads, c);
+  p.output = take_mut(buffers, "output", c.n_out, elem_size(c.dtype));
   if (c.n_out == 0) return;
   py::gil_scoped_release nogil;
   if (device == "cpu") {
@@ -165,24 +182,16 @@ void forward(const std::string& device, int device_index, const std::string& dty
 }
 
 void backward(const std::string& device, int device_index, const std::string& dtype, const std::vector<int64_t>& sizes,
-              const std::vector<std::pair<int64_t, int64_t>>& spatial_shapes, const std::vector<int64_t>& level_start,
-              const Buffers& buffers, uintptr_t stream, int num_threads) {
-  check_device(device, device_index);
-  const Common c = common(dtype, sizes, spatial_shapes, level_start);
-  ddetr::MsdaBackwardParams p;
-  p.shape = c.shape;
-  p.dtype = c.dtype;
+              const SpatialShapes& spatial_shapes, const std::vector<int64_t>& level_start, const Buffers& buffers,
+              uintptr_t stream, int num_threads) {
+  Common c;
+  auto p = prepare<ddetr::MsdaBackwardParams>(device, device_index, dtype, sizes, spatial_shapes, level_start, buffers,
+                                              stream, num_threads, c);
   const int64_t es = elem_size(c.dtype), as = acc_size(c.dtype);
-  p.value = take(buffers, "value", c.n_value, es);
-  p.sampling_loc = take(buffers, "sampling_locations", c.n_loc, as);
-  p.attn_weight = take(buffers, "attention_weights", c.n_attn, as);
   p.grad_output = take(buffers, "grad_output", c.n_out, es);
-  p.grad_value = const_cast<void*>(take(buffers, "grad_value", c.n_value, as));
-  p.grad_loc = const_cast<void*>(take(buffers, "grad_sampling_locations", c.n_loc, as));
-  p.grad_attn = const_cast<void*>(take(buffers, "grad_attention_weights", c.n_attn, as));
-  p.num_threads = threads(num_threads);
-  p.device = device_index;
-  p.stream = reinterpret_cast<void*>(stream);
+  p.grad_value = take_mut(buffers, "grad_value", c.n_value, as);
+  p.grad_loc = take_mut(buffers, "grad_sampling_locations", c.n_loc, as);
+  p.grad_attn = take_mut(buffers, "grad_attention_weights", c.n_attn, as);
   if (c.n_attn == 0) return;
   py::gil_scoped_release nogil;
   if (device == "cpu") {

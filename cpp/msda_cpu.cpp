@@ -14,6 +14,7 @@
 // order of every sum is fixed, which makes the result bitwise reproducible for
 // any thread count.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "ddetr/bilinear.h"
@@ -87,6 +88,19 @@ void forward_impl(const MsdaForwardParams& prm) {
   }
 }
 
+// Largest tile (elements) a backward task packs: 4M floats = 16 MiB per tile.
+constexpr int64_t kMaxPackElements = int64_t{1} << 22;
+
+// Widens a stored value (scalar_t) or passes an already widened one (acc_t).
+template <typename scalar_t, typename acc_t, typename T>
+inline acc_t to_acc(T v) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return v;
+  } else {
+    return Convert<scalar_t, acc_t>::load(v);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int kD>
 void backward_impl(const MsdaBackwardParams& prm) {
   using Cv = Convert<scalar_t, acc_t>;
@@ -103,20 +117,26 @@ void backward_impl(const MsdaBackwardParams& prm) {
   auto* grad_attn = static_cast<acc_t*>(prm.grad_attn);
   const int64_t row_stride = M * D;
 
+  // A task's value slice is strided by M * D elements (1 KiB for the usual
+  // 8 x 32 floats): every row then falls into the same few cache sets. When the
+  // largest level fits, each task copies its slice into a contiguous tile
+  // (stride D, in the accumulation type), accumulates its gradient in a second
+  // tile and writes that back once; otherwise it works on the strided slice.
+  int64_t max_hw = 0;
+  for (int64_t l = 0; l < L; ++l) max_hw = std::max(max_hw, s.level_h[l] * s.level_w[l]);
+  const bool pack = max_hw * D <= kMaxPackElements;
+
 #pragma omp parallel num_threads(prm.num_threads)
   {
     std::vector<acc_t> g_heap(kD > 0 ? 0 : static_cast<size_t>(D));
     alignas(64) acc_t g_fixed[kD > 0 ? kD : 1];
     acc_t* g = kD > 0 ? g_fixed : g_heap.data();
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < N * M * L; ++task) {
-      const int64_t n = task / (M * L);
-      const int64_t m = (task / L) % M;
-      const int64_t l = task % L;
+    std::vector<acc_t> v_tile(pack ? static_cast<size_t>(max_hw * D) : 0);
+    std::vector<acc_t> g_tile(pack ? static_cast<size_t>(max_hw * D) : 0);
+
+    // The sweep over one task's points; rows of `vrows` / `grows` are `stride` apart.
+    auto sweep = [&](int64_t n, int64_t m, int64_t l, const auto* vrows, acc_t* grows, int64_t stride) {
       const int64_t H = s.level_h[l], W = s.level_w[l];
-      const int64_t level_off = ((n * S + s.level_start[l]) * M + m) * D;
-      const scalar_t* level = value + level_off;
-      acc_t* glevel = grad_value + level_off;
       for (int64_t q = 0; q < Lq; ++q) {
         const int64_t pt0 = (((n * Lq + q) * M + m) * L + l) * P;
         bool have_g = false;
@@ -139,13 +159,13 @@ void backward_impl(const MsdaBackwardParams& prm) {
           acc_t ga = 0, gx = 0, gy = 0;
           for (int c = 0; c < 4; ++c) {
             if (!((t.inside >> c) & 1u)) continue;
-            const scalar_t* v = level + t.index[c] * row_stride;
-            acc_t* gv = glevel + t.index[c] * row_stride;
+            const auto* v = vrows + t.index[c] * stride;
+            acc_t* gv = grows + t.index[c] * stride;
             const acc_t aw = a * t.weight[c];
             acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
             for (int64_t d = 0; d < D; ++d) {
-              dot += g[d] * Cv::load(v[d]);
+              dot += g[d] * to_acc<scalar_t, acc_t>(v[d]);
               gv[d] += aw * g[d];
             }
             ga += t.weight[c] * dot;
@@ -156,6 +176,32 @@ void backward_impl(const MsdaBackwardParams& prm) {
           grad_loc[2 * pt] = static_cast<acc_t>(W) * a * gx;
           grad_loc[2 * pt + 1] = static_cast<acc_t>(H) * a * gy;
         }
+      }
+    };
+
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < N * M * L; ++task) {
+      const int64_t n = task / (M * L);
+      const int64_t m = (task / L) % M;
+      const int64_t l = task % L;
+      const int64_t HW = s.level_h[l] * s.level_w[l];
+      const int64_t level_off = ((n * S + s.level_start[l]) * M + m) * D;
+      const scalar_t* level = value + level_off;
+      acc_t* glevel = grad_value + level_off;
+      if (!pack) {
+        sweep(n, m, l, level, glevel, row_stride);
+        continue;
+      }
+      for (int64_t i = 0; i < HW; ++i) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) v_tile[i * D + d] = Cv::load(level[i * row_stride + d]);
+      }
+      std::fill(g_tile.begin(), g_tile.begin() + HW * D, static_cast<acc_t>(0));
+      sweep(n, m, l, v_tile.data(), g_tile.data(), D);
+      // This task owns the slice: plain stores, no accumulation needed.
+      for (int64_t i = 0; i < HW; ++i) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) glevel[i * row_stride + d] = g_tile[i * D + d];
       }
     }
   }

@@ -357,3 +357,16 @@ def test_bfloat16_gradients_have_input_dtypes():
     attn.requires_grad_()
     native(value, spatial, start, loc, attn).float().sum().backward()
     assert value.grad.dtype == torch.bfloat16 and loc.grad.dtype == torch.float32 and attn.grad.dtype == torch.bfloat16
+
+
+def test_backward_of_a_level_too_large_to_pack():
+    """A level whose value slice exceeds the CPU backward's packing limit (4M
+    elements) takes the strided path; it must agree with the reference too."""
+    shapes = [(2, 8193), (1, 1)]  # 16,386 pixels x 256 channels > 4M
+    value, spatial, start, loc, attn = make_case(shapes, N=1, Lq=6, M=1, D=256, P=2, dtype=torch.float64, seed=21)
+    value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
+    grad = torch.randn(1, 6, 256, dtype=torch.float64)
+    got = torch.autograd.grad(native(value, spatial, start, loc, attn), (value, loc, attn), grad)
+    ref = torch.autograd.grad(ms_deform_attn_torch(value, spatial, start, loc, attn), (value, loc, attn), grad)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)

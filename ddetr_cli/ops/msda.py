@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -186,8 +187,41 @@ def _launch_args(t: torch.Tensor) -> tuple[str, int, int, int]:
     return "cpu", 0, 0, max(1, torch.get_num_threads())
 
 
-def _buf(t: torch.Tensor) -> tuple[int, int]:
-    return (t.data_ptr(), t.numel())
+@dataclass
+class _Launch:
+    """What both kernels take: the module, sizes, level geometry and the three
+    inputs made contiguous in the kernel's dtypes."""
+
+    ext: ModuleType
+    sizes: list[int]  # [N, S, M, D, Lq, L, P]
+    shapes: list[tuple[int, int]]
+    starts: list[int]
+    acc: torch.dtype
+    inputs: dict[str, torch.Tensor]
+
+    def run(self, kernel: str, value: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+        device, index, stream, threads = _launch_args(value)
+        pointers = {name: (t.data_ptr(), t.numel()) for name, t in {**self.inputs, **buffers}.items()}
+        getattr(self.ext, kernel)(
+            device, index, _DTYPE_NAMES[value.dtype], self.sizes, self.shapes, self.starts, pointers, stream, threads
+        )
+
+
+def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> _Launch:
+    shapes, starts = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check_native_dtype(value)
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"ddetr: the compiled module is not available: {_ext_error}")
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    acc = _acc_dtype(value.dtype)
+    inputs = {
+        "value": value.contiguous(),
+        "sampling_locations": sampling_locations.to(acc).contiguous(),
+        "attention_weights": attention_weights.to(acc).contiguous(),
+    }
+    return _Launch(ext, [N, S, M, D, Lq, L, P], shapes, starts, acc, inputs)
 
 
 @torch.library.custom_op("ddetr::ms_deform_attn", mutates_args=())
@@ -198,24 +232,10 @@ def _msda_forward_op(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    shapes, starts = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    _check_native_dtype(value)
-    ext = extension()
-    if ext is None:
-        raise RuntimeError(f"ddetr: the compiled module is not available: {_ext_error}")
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
-    acc = _acc_dtype(value.dtype)
-    value_c = value.contiguous()
-    loc = sampling_locations.to(acc).contiguous()
-    attn = attention_weights.to(acc).contiguous()
+    launch = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    N, _, M, D, Lq, _, _ = launch.sizes
     out = torch.empty((N, Lq, M, D), dtype=value.dtype, device=value.device)  # fully written by the kernel
-    device, index, stream, threads = _launch_args(value)
-    ext.forward(
-        device, index, _DTYPE_NAMES[value.dtype], [N, S, M, D, Lq, L, P], shapes, starts,
-        {"value": _buf(value_c), "sampling_locations": _buf(loc), "attention_weights": _buf(attn), "output": _buf(out)},
-        stream, threads,
-    )
+    launch.run("forward", value, {"output": out})
     return out.view(N, Lq, M * D)
 
 
@@ -235,33 +255,17 @@ def _msda_backward_op(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shapes, starts = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    _check_native_dtype(value)
-    ext = extension()
-    if ext is None:
-        raise RuntimeError(f"ddetr: the compiled module is not available: {_ext_error}")
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
+    launch = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    N, S, M, D, Lq, _, _ = launch.sizes
     if tuple(grad_output.shape) != (N, Lq, M * D):
         raise ValueError(f"grad_output: expected shape {(N, Lq, M * D)}, got {tuple(grad_output.shape)}")
-    acc = _acc_dtype(value.dtype)
-    value_c = value.contiguous()
-    loc = sampling_locations.to(acc).contiguous()
-    attn = attention_weights.to(acc).contiguous()
-    grad_out = grad_output.to(value.dtype).contiguous()
-    grad_value = torch.zeros((N, S, M, D), dtype=acc, device=value.device)
-    grad_loc = torch.empty_like(loc)  # fully written by the kernel
-    grad_attn = torch.empty_like(attn)
-    device, index, stream, threads = _launch_args(value)
-    ext.backward(
-        device, index, _DTYPE_NAMES[value.dtype], [N, S, M, D, Lq, L, P], shapes, starts,
-        {
-            "value": _buf(value_c), "sampling_locations": _buf(loc), "attention_weights": _buf(attn),
-            "grad_output": _buf(grad_out), "grad_value": _buf(grad_value),
-            "grad_sampling_locations": _buf(grad_loc), "grad_attention_weights": _buf(grad_attn),
-        },
-        stream, threads,
-    )
+    grad_value = torch.zeros((N, S, M, D), dtype=launch.acc, device=value.device)  # accumulated into
+    grad_loc = torch.empty_like(launch.inputs["sampling_locations"])  # fully written by the kernel
+    grad_attn = torch.empty_like(launch.inputs["attention_weights"])
+    launch.run("backward", value, {
+        "grad_output": grad_output.to(value.dtype).contiguous(), "grad_value": grad_value,
+        "grad_sampling_locations": grad_loc, "grad_attention_weights": grad_attn,
+    })
     return (
         grad_value.to(value.dtype),
         grad_loc.to(sampling_locations.dtype),
