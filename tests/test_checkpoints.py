@@ -223,3 +223,33 @@ def test_hf_directory_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deformable_detr"}))
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_input_size_round_trip(tmp_path, suffix):
+    from ddetr_cli.checkpoints import load_model
+    from ddetr_cli.checkpoints.native import save_model
+    from ddetr_cli.models import build_model, preset
+
+    model = build_model(preset("tiny", num_classes=2))
+    assert load_model(save_model(model, tmp_path / f"none{suffix}")).input_size is None
+    model.input_size = (128, 160)
+    assert load_model(save_model(model, tmp_path / f"m{suffix}")).input_size == (128, 160)
+
+
+def test_input_size_from_an_older_training_checkpoint(tmp_path):
+    import torch
+
+    from ddetr_cli.checkpoints import CheckpointError, load_model
+    from ddetr_cli.checkpoints.native import model_payload
+    from ddetr_cli.models import build_model, preset
+
+    payload = model_payload(build_model(preset("tiny", num_classes=2)))
+    del payload["input_size"]
+    payload["train_config"] = {"eval_size": 96, "eval_max_size": 120}
+    torch.save(payload, tmp_path / "last.pt")
+    assert load_model(tmp_path / "last.pt").input_size == (96, 120)
+    payload["input_size"] = [96, "big"]
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad.pt: input_size"):
+        load_model(tmp_path / "bad.pt")

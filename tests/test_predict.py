@@ -275,3 +275,22 @@ def test_predictor_maps_classes_and_boxes_to_original_pixels():
     assert out[0][1].label == "circle" and out[0][1].category_id == 3
     assert p.timing.images == 2 and set(p.timing.per_image_ms()) == {"preprocess", "inference", "postprocess"}
     assert Predictor(_StubModel(), "cpu", conf=0.96).predict_batch([small])[0] == []
+
+
+def test_predict_defaults_to_the_size_the_model_was_trained_at(tmp_path):
+    import torch
+
+    from ddetr_cli.checkpoints.native import save_model
+    from ddetr_cli.models import build_model, preset
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", num_classes=3)).eval()
+    model.input_size = (72, 90)
+    path = tmp_path / "small.pt"
+    save_model(model, path)
+    _img(tmp_path / "a.png")
+    res = _run(["predict", str(tmp_path / "a.png"), "-w", str(path), "--device", "cpu"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "at imgsz 72 on cpu" in res.output
+    res = _run(["predict", str(tmp_path / "a.png"), "-w", str(path), "--device", "cpu", "--imgsz", "64"], tmp_path)
+    assert "at imgsz 64 on cpu" in res.output

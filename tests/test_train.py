@@ -258,6 +258,31 @@ def test_cli_train_shapes_recipe_few_iterations(tiny_yaml, tmp_path):
     assert "stopped at the max iters" in r.stderr
 
 
+def test_python_api_trains_and_evaluates_like_the_cli(tiny_yaml, tmp_path):
+    """A script does what `ddetr train` / `ddetr eval` do, through the same engine functions."""
+    from ddetr_cli.engine import RunError, run_evaluation, run_training
+
+    out = tmp_path / "api_run"
+    opts = {"imgsz": 64, "max_iters": 2, "workers": 0, "batch_size": 4, "out": str(out), "device": "cpu"}
+    messages: list[str] = []
+    result = run_training(str(tiny_yaml), config_path=_small_cfg(tmp_path), overrides=opts, log=messages.append)
+    assert result is not None and result.run_dir == out
+    assert result.global_step == 2 and result.stopped_early == "max iters"
+    for f in ("config.yaml", "weights/last.pt"):
+        assert (out / f).is_file(), f
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert saved["model"] == "tiny" and saved["max_iters"] == 2  # shapes recipe + overrides, as on the CLI
+    assert any(m.startswith(f"run folder: {out}") for m in messages)
+    # the same checks as the CLI, as exceptions, before any training
+    with pytest.raises(RunError, match="already holds a run"):
+        run_training(str(tiny_yaml), config_path=_small_cfg(tmp_path), overrides=opts)
+    with pytest.raises(RunError, match="drop DATA and --config") as err:
+        run_training(str(tiny_yaml), resume=out)
+    assert err.value.usage
+    ev = run_evaluation(str(tiny_yaml), out / "weights" / "last.pt", workers=0, device="cpu")
+    assert ev is not None and len(ev.result.stats) == 12 and ev.imgsz == 64  # eval size from the run's config
+
+
 def _small_cfg(tmp_path: Path) -> Path:
     p = tmp_path / "small.yaml"
     p.write_text("train:\n  min_scale: 48\n  scale_step: 16\n  max_size: 80\n  eval_size: 64\n  eval_max_size: 80\n  crop: false\n")

@@ -41,6 +41,7 @@ def model_metadata(model: torch.nn.Module) -> dict[str, Any]:
         "model_config": {**model.config.to_dict(), "msda_backend": None},
         "class_names": [str(n) for n in model.class_names],
         "category_ids": None if model.category_ids is None else [int(c) for c in model.category_ids],
+        "input_size": None if getattr(model, "input_size", None) is None else [int(v) for v in model.input_size],
     }
 
 
@@ -114,7 +115,22 @@ def model_from_payload(payload: Mapping[str, Any], path: str | Path, *, msda_bac
         if len(ids) != cfg.num_classes:
             raise CheckpointError(f"{path}: category_ids has {len(ids)} entries, the model {cfg.num_classes} classes")
         model.category_ids = [int(i) for i in ids]
+    model.input_size = _input_size(payload, path)
     return model
+
+
+def _input_size(payload: Mapping[str, Any], path: str | Path) -> tuple[int, int] | None:
+    """The (size, max_size) recorded by training; older training checkpoints only
+    carry it in their train_config."""
+    size = payload.get("input_size")
+    if size is None and isinstance(payload.get("train_config"), Mapping):
+        tc = payload["train_config"]
+        size = [tc.get("eval_size"), tc.get("eval_max_size")] if tc.get("eval_size") else None
+    if size is None:
+        return None
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise CheckpointError(f"{path}: input_size must be [size, max_size] positive integers, got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 def load_safetensors_model(path: str | Path, *, msda_backend: str | None = None):

@@ -37,22 +37,14 @@ class App:
 
 
 def resolve_device(name: str, option: str = "--device"):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, or a one-line error."""
-    import torch
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, or a one-line usage error."""
+    from ..engine.device import DeviceError
+    from ..engine.device import resolve_device as resolve
 
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise click.BadParameter("CUDA was requested but no CUDA GPU is available to PyTorch", param_hint=option)
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise click.BadParameter(f"{name}: only {torch.cuda.device_count()} CUDA device(s) visible", param_hint=option)
-        return dev
-    raise click.BadParameter(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)", param_hint=option)
+    try:
+        return resolve(name, option)
+    except DeviceError as exc:
+        raise click.BadParameter(str(exc), param_hint=exc.option) from None
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)

@@ -42,10 +42,10 @@ def _missing_weights(weights: str | None) -> click.ClickException:
 @click.option("--coco-json", is_flag=True, help="Also write results_coco.json (COCO results format).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions JSON on stdout.")
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--imgsz", type=click.IntRange(16), default=800, show_default=True,
-              help="Shortest side the images are resized to.")
-@click.option("--max-size", type=click.IntRange(16), default=1333, show_default=True,
-              help="Upper bound on the longest side after resizing.")
+@click.option("--imgsz", type=click.IntRange(16), default=None,
+              help="Shortest side the images are resized to (default: the size the model was trained at, else 800).")
+@click.option("--max-size", type=click.IntRange(16), default=None,
+              help="Upper bound on the longest side after resizing (default: the training value, else 1333).")
 @click.option("--top-k", type=click.IntRange(1), default=100, show_default=True,
               help="Detections kept per image before the --conf filter.")
 @click.option("--backend", type=click.Choice(["auto", "native", "torch"]), default="auto", show_default=True,
@@ -63,8 +63,8 @@ def command(
     coco_json: bool,
     as_json: bool,
     batch_size: int,
-    imgsz: int,
-    max_size: int,
+    imgsz: int | None,
+    max_size: int | None,
     top_k: int,
     backend: str,
     amp: bool,
@@ -95,6 +95,9 @@ def command(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise click.ClickException(f"{weights}: cannot load model ({first})") from None
 
+    from ..data import inference_size
+
+    imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
     predictor = Predictor(model, dev, imgsz=imgsz, max_size=max_size, conf=conf, top_k=top_k,
                           batch_size=batch_size, amp=amp)  # fmt: skip
     entries = expand_sources(list(sources))

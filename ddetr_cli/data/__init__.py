@@ -10,6 +10,7 @@ from .shapes import CLASS_NAMES as SHAPES_CLASS_NAMES
 from .shapes import ensure_shapes_dataset
 from .transforms import (
     Compose,
+    inference_size,
     RandomHorizontalFlip,
     RandomResize,
     RandomSelect,
@@ -26,6 +27,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "SHAPES_CLASS_NAMES",
     "VIDEO_SUFFIXES",
+    "inference_size",
     "CocoDetection",
     "Compose",
     "ConfigError",

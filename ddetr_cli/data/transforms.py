@@ -228,6 +228,14 @@ def make_train_transforms(
     )
 
 
+def inference_size(trained: tuple[int, int] | None, size: int | None = None,
+                   max_size: int | None = None) -> tuple[int, int]:
+    """(shorter side, longer-side cap) for inference: what the caller asks for,
+    else what the model was trained at (``model.input_size``), else 800 / 1333."""
+    base = trained or (800, 1333)
+    return (size or base[0], max_size or base[1])
+
+
 def make_eval_transforms(size: int = 800, max_size: int = 1333) -> Compose:
     return Compose([RandomResize([size], max_size=max_size), ToTensorNormalize()])
 

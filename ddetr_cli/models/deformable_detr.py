@@ -56,6 +56,8 @@ class DeformableDETR(nn.Module):
         self.config = cfg
         self.class_names: list[str] = [str(i) for i in range(cfg.num_classes)]
         self.category_ids: list[int] | None = None
+        # (shorter side, longer-side cap) the model was trained / validated at; None: the official 800 / 1333
+        self.input_size: tuple[int, int] | None = None
         d = cfg.d_model
         self.num_queries = cfg.num_queries
         self.num_feature_levels = cfg.num_feature_levels

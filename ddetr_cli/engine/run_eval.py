@@ -1,0 +1,129 @@
+"""COCO bbox evaluation of a checkpoint on a split of a dataset.
+
+:func:`run_evaluation` is what ``ddetr eval`` calls and what a Python script
+calls to do the same: load the dataset config and the checkpoint (own, official
+or Hugging Face), choose the image sizes (given, else the training run's
+evaluation sizes, else 800 / 1333), map the model's classes to the split's
+category ids, run :func:`~.evaluate.evaluate` (sharded under torchrun) and
+optionally write the detections as a COCO results JSON::
+
+    from ddetr_cli.engine import run_evaluation
+
+    ev = run_evaluation("coco.yaml", "runs/train/exp/weights/best.pt", device="cuda")
+    print(ev.result.as_dict()["AP"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import distributed
+from .device import resolve_device
+from .evaluate import EvalResult
+from .progress import NullReporter, Reporter
+
+_log = logging.getLogger("ddetr")
+
+
+@dataclass
+class EvalRun:
+    result: EvalResult
+    split: str
+    class_names: dict[int, str]  # category id -> name, for every category of the split
+    imgsz: int
+    max_size: int
+    json_path: Path | None = None  # where the detections were written, if asked
+
+
+def run_evaluation(
+    data: str,
+    weights: str | Path,
+    *,
+    split: str = "val",
+    batch_size: int = 2,
+    imgsz: int | None = None,
+    max_size: int | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    amp: str = "off",
+    json_out: str | Path | None = None,
+    reporter: Reporter | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EvalRun | None:
+    """Evaluates ``weights`` on ``split`` of ``data`` (a dataset YAML or ``"shapes"``).
+
+    ``imgsz`` / ``max_size``: shorter-side size and longer-side cap (default: the
+    sizes recorded by our training checkpoints, else 800 / 1333). ``device``:
+    'auto' | 'cpu' | 'cuda' | 'cuda:N'. ``amp``: 'off' | 'auto' | 'bf16' | 'fp16'.
+    ``json_out``: also write the detections (COCO results format) there.
+    ``reporter``: progress; ``log``: one-line messages (default: the ``ddetr``
+    logger).
+
+    Returns an :class:`EvalRun` on rank 0, None on other ranks. Raises
+    ``ValueError`` (``batch_size`` < 1), ``ConfigError`` / ``DatasetError`` /
+    ``ImageReadError`` (data), ``CheckpointError``, :class:`~.device.DeviceError`,
+    :class:`~.labelmap.ClassMismatchError`.
+    """
+    from ..checkpoints import load_model
+    from ..data import inference_size, load_dataset_config
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    log = log or _log.info
+    reporter = reporter or NullReporter()
+    dc = load_dataset_config(data)
+    sc = dc.split(split)
+    dev = resolve_device(device)
+    owns_group = not distributed.is_initialized()  # a process group started by the caller stays up
+    info = distributed.init_distributed(dev)
+    try:
+        dev = distributed.device_for(info, dev)
+        model = load_model(weights)
+        imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
+        return _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, dev, info, workers, amp,
+                         json_out, reporter, log)
+    finally:
+        if owns_group:
+            distributed.cleanup()
+
+
+def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, info, workers, amp, json_out,
+              reporter: Reporter, log) -> EvalRun | None:
+    import torch
+
+    from ..checkpoints.io import atomic_write_text
+    from ..data import CocoDetection, DatasetError, collate, make_eval_transforms
+    from .amp import amp_dtype
+    from .evaluate import ShardSampler, evaluate
+    from .labelmap import resolve_label_map
+
+    num_classes = int(model.config.num_classes)
+    model_ids = getattr(model, "category_ids", None)
+    dataset = CocoDetection(sc.images, sc.annotations, make_eval_transforms(imgsz, max_size))
+    if len(dataset) == 0:
+        raise DatasetError(f"{sc.annotations}: the {split} split has no images")
+    label_to_cat = resolve_label_map(num_classes, list(model_ids) if model_ids is not None else None,
+                                     list(dataset.category_ids), what=f"{weights}")
+    model = model.to(device).eval()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
+        collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda",
+    )
+    if info.is_main:
+        log(f"evaluating {weights} on {split} ({len(dataset)} images, {imgsz}px, device {device})")
+        reporter.eval_start(len(dataset))
+    result = evaluate(model, loader, dataset.coco, label_to_cat, device, amp_dtype=amp_dtype(amp, device),
+                      on_batch=reporter.eval_step if info.is_main else None)
+    reporter.close()
+    if not info.is_main or result is None:
+        return None
+    names = {int(c["id"]): c.get("name", str(c["id"])) for c in dataset.coco.loadCats(dataset.coco.getCatIds())}
+    path = None
+    if json_out:
+        path = Path(json_out)
+        atomic_write_text(path, json.dumps(result.detections))
+    return EvalRun(result, split, names, imgsz, max_size, path)
