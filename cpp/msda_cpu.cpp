@@ -14,6 +14,7 @@
 // order of every sum is fixed, which makes the result bitwise reproducible for
 // any thread count.
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -118,21 +119,27 @@ void backward_impl(const MsdaBackwardParams& prm) {
   const int64_t row_stride = M * D;
 
   // A task's value slice is strided by M * D elements (1 KiB for the usual
-  // 8 x 32 floats): every row then falls into the same few cache sets. When the
-  // largest level fits, each task copies its slice into a contiguous tile
-  // (stride D, in the accumulation type), accumulates its gradient in a second
-  // tile and writes that back once; otherwise it works on the strided slice.
-  int64_t max_hw = 0;
-  for (int64_t l = 0; l < L; ++l) max_hw = std::max(max_hw, s.level_h[l] * s.level_w[l]);
-  const bool pack = max_hw * D <= kMaxPackElements;
+  // 8 x 32 floats): every row then falls into the same few cache sets. A task
+  // whose level fits a tile and is sampled at least once per pixel on average
+  // (the encoder) copies its slice into a contiguous tile (stride D, in the
+  // accumulation type), accumulates its gradient in a second tile and writes
+  // that back once; other tasks (the decoder's few queries, huge levels) work
+  // on the strided slice.
+  auto packs = [&](int64_t hw) { return hw * D <= kMaxPackElements && Lq * P >= hw; };
+  int64_t tile_elems = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t hw = s.level_h[l] * s.level_w[l];
+    if (packs(hw)) tile_elems = std::max(tile_elems, hw * D);
+  }
 
 #pragma omp parallel num_threads(prm.num_threads)
   {
     std::vector<acc_t> g_heap(kD > 0 ? 0 : static_cast<size_t>(D));
     alignas(64) acc_t g_fixed[kD > 0 ? kD : 1];
     acc_t* g = kD > 0 ? g_fixed : g_heap.data();
-    std::vector<acc_t> v_tile(pack ? static_cast<size_t>(max_hw * D) : 0);
-    std::vector<acc_t> g_tile(pack ? static_cast<size_t>(max_hw * D) : 0);
+    // Uninitialised: a task overwrites v_tile and zero-fills g_tile before use.
+    std::unique_ptr<acc_t[]> v_tile(tile_elems > 0 ? new acc_t[tile_elems] : nullptr);
+    std::unique_ptr<acc_t[]> g_tile(tile_elems > 0 ? new acc_t[tile_elems] : nullptr);
 
     // The sweep over one task's points; rows of `vrows` / `grows` are `stride` apart.
     auto sweep = [&](int64_t n, int64_t m, int64_t l, const auto* vrows, acc_t* grows, int64_t stride) {
@@ -188,7 +195,7 @@ void backward_impl(const MsdaBackwardParams& prm) {
       const int64_t level_off = ((n * S + s.level_start[l]) * M + m) * D;
       const scalar_t* level = value + level_off;
       acc_t* glevel = grad_value + level_off;
-      if (!pack) {
+      if (!packs(HW)) {
         sweep(n, m, l, level, glevel, row_stride);
         continue;
       }
@@ -196,8 +203,8 @@ void backward_impl(const MsdaBackwardParams& prm) {
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) v_tile[i * D + d] = Cv::load(level[i * row_stride + d]);
       }
-      std::fill(g_tile.begin(), g_tile.begin() + HW * D, static_cast<acc_t>(0));
-      sweep(n, m, l, v_tile.data(), g_tile.data(), D);
+      std::fill(g_tile.get(), g_tile.get() + HW * D, static_cast<acc_t>(0));
+      sweep(n, m, l, v_tile.get(), g_tile.get(), D);
       // This task owns the slice: plain stores, no accumulation needed.
       for (int64_t i = 0; i < HW; ++i) {
 #pragma omp simd

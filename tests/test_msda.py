@@ -361,11 +361,13 @@ def test_bfloat16_gradients_have_input_dtypes():
 
 def test_backward_of_a_level_too_large_to_pack():
     """A level whose value slice exceeds the CPU backward's packing limit (4M
-    elements) takes the strided path; it must agree with the reference too."""
+    elements) takes the strided path even when densely sampled (Lq * P >=
+    pixels); it must agree with the reference too."""
     shapes = [(2, 8193), (1, 1)]  # 16,386 pixels x 256 channels > 4M
-    value, spatial, start, loc, attn = make_case(shapes, N=1, Lq=6, M=1, D=256, P=2, dtype=torch.float64, seed=21)
+    Lq = 4100  # x 4 points >= 16,386 pixels: only the size keeps it from packing
+    value, spatial, start, loc, attn = make_case(shapes, N=1, Lq=Lq, M=1, D=256, P=4, dtype=torch.float64, seed=21)
     value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
-    grad = torch.randn(1, 6, 256, dtype=torch.float64)
+    grad = torch.randn(1, Lq, 256, dtype=torch.float64)
     got = torch.autograd.grad(native(value, spatial, start, loc, attn), (value, loc, attn), grad)
     ref = torch.autograd.grad(ms_deform_attn_torch(value, spatial, start, loc, attn), (value, loc, attn), grad)
     for g, r in zip(got, ref):
