@@ -440,26 +440,47 @@ void launch(K kernel, const Args& a, unsigned grid, cudaStream_t stream, const c
   if (err != cudaSuccess) cuda_check(err, (std::string("launch of ") + name).c_str());
 }
 
+// The kernel families, by vector width, for launch_planned.
+template <typename T>
+struct ForwardKernels {
+  template <int VEC>
+  static constexpr auto get() { return &msda_forward_kernel<T, VEC>; }
+  static constexpr const char* name = "msda_forward_kernel";
+};
+template <typename T>
+struct BackwardKernels {
+  template <int VEC>
+  static constexpr auto get() { return &msda_backward_kernel<T, VEC>; }
+  static constexpr const char* name = "msda_backward_kernel";
+};
+
+// The one switch over vector widths: launches Kernels::get<vec>() with the
+// planned arguments on the caller's device and stream.
+template <typename T, typename Kernels, typename Args>
+void launch_planned(const Args& a, int vec, int device, void* stream) {
+  DeviceGuard guard(device);
+  const unsigned grid = grid_for(a.num_groups, a.log2_group, device);
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (vec) {
+    case 8:
+      if constexpr (sizeof(T) <= 2) return launch(Kernels::template get<8>(), a, grid, s, Kernels::name);
+      break;
+    case 4:
+      if constexpr (sizeof(T) <= 4) return launch(Kernels::template get<4>(), a, grid, s, Kernels::name);
+      break;
+    case 2: return launch(Kernels::template get<2>(), a, grid, s, Kernels::name);
+    case 1: return launch(Kernels::template get<1>(), a, grid, s, Kernels::name);
+    default: break;
+  }
+  throw std::logic_error(std::string("ddetr CUDA: ") + Kernels::name + ": no kernel for vector width " + std::to_string(vec));
+}
+
 template <typename T>
 void forward_typed(const MsdaForwardParams& p) {
   int vec = 1;
   const ForwardArgs<T> a = plan_forward<T>(p, &vec);
   if (a.num_groups == 0 || p.shape.channels == 0) return;
-  DeviceGuard guard(p.device);
-  const unsigned grid = grid_for(a.num_groups, a.log2_group, p.device);
-  const auto stream = static_cast<cudaStream_t>(p.stream);
-  switch (vec) {
-    case 8:
-      if constexpr (sizeof(T) <= 2) return launch(msda_forward_kernel<T, 8>, a, grid, stream, "msda_forward_kernel");
-      break;
-    case 4:
-      if constexpr (sizeof(T) <= 4) return launch(msda_forward_kernel<T, 4>, a, grid, stream, "msda_forward_kernel");
-      break;
-    case 2: return launch(msda_forward_kernel<T, 2>, a, grid, stream, "msda_forward_kernel");
-    case 1: return launch(msda_forward_kernel<T, 1>, a, grid, stream, "msda_forward_kernel");
-    default: break;
-  }
-  throw std::logic_error("ddetr CUDA: msda forward: no kernel for vector width " + std::to_string(vec));
+  launch_planned<T, ForwardKernels<T>>(a, vec, p.device, p.stream);
 }
 
 template <typename T>
@@ -467,21 +488,7 @@ void backward_typed(const MsdaBackwardParams& p) {
   int vec = 1;
   const BackwardArgs<T> a = plan_backward<T>(p, &vec);
   if (a.num_groups == 0 || p.shape.channels == 0) return;
-  DeviceGuard guard(p.device);
-  const unsigned grid = grid_for(a.num_groups, a.log2_group, p.device);
-  const auto stream = static_cast<cudaStream_t>(p.stream);
-  switch (vec) {
-    case 8:
-      if constexpr (sizeof(T) <= 2) return launch(msda_backward_kernel<T, 8>, a, grid, stream, "msda_backward_kernel");
-      break;
-    case 4:
-      if constexpr (sizeof(T) <= 4) return launch(msda_backward_kernel<T, 4>, a, grid, stream, "msda_backward_kernel");
-      break;
-    case 2: return launch(msda_backward_kernel<T, 2>, a, grid, stream, "msda_backward_kernel");
-    case 1: return launch(msda_backward_kernel<T, 1>, a, grid, stream, "msda_backward_kernel");
-    default: break;
-  }
-  throw std::logic_error("ddetr CUDA: msda backward: no kernel for vector width " + std::to_string(vec));
+  launch_planned<T, BackwardKernels<T>>(a, vec, p.device, p.stream);
 }
 
 #endif  // DDETR_MSDA_CUDA_NO_LAUNCH
