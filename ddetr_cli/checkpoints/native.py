@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..models.config import ModelConfig
-from .io import CheckpointError, atomic_torch_save, atomic_write, atomic_write_text, safe_torch_load
+from .io import CheckpointError, atomic_torch_save, atomic_write, atomic_write_text
 from .official import clean_state_dict, load_weights
 
 FORMAT = "ddetr"
