@@ -124,8 +124,11 @@ void check_device(const std::string& device, int device_index) {
   if (device != "cuda") fail("device: expected 'cpu' or 'cuda', got '" + device + "'");
 #ifdef DDETR_WITH_CUDA
   const int count = ddetr::cuda_device_count();
-  if (device_index < 0 || device_index >= count)
-    fail("device: CUDA device " + std::to_string(device_index) + " does not exist (" + std::to_string(count) + " visible)");
+  if (device_index < 0 || device_index >= count) {
+    const std::string why = count == 0 ? ddetr::cuda_unavailable_reason() : std::string();
+    fail("device: CUDA device " + std::to_string(device_index) + " does not exist (" + std::to_string(count) + " visible" +
+         (why.empty() ? std::string() : ": " + why) + ")");
+  }
 #else
   (void)device_index;
   throw std::runtime_error("device: this build of ddetr has no CUDA kernels");
@@ -189,7 +192,10 @@ void backward(const std::string& device, int device_index, const std::string& dt
                                               stream, num_threads, c);
   const int64_t es = elem_size(c.dtype), as = acc_size(c.dtype);
   p.grad_output = take(buffers, "grad_output", c.n_out, es);
-  p.grad_value = take_mut(buffers, "grad_value", c.n_value, as);
+  // On CUDA grad_value may be left out: the kernel then skips its atomics and
+  // the caller adds grad_value up itself (deterministic mode).
+  const bool without_grad_value = device == "cuda" && buffers.find("grad_value") == buffers.end();
+  p.grad_value = without_grad_value ? nullptr : take_mut(buffers, "grad_value", c.n_value, as);
   p.grad_loc = take_mut(buffers, "grad_sampling_locations", c.n_loc, as);
   p.grad_attn = take_mut(buffers, "grad_attention_weights", c.n_attn, as);
   if (c.n_attn == 0) return;
@@ -225,6 +231,13 @@ PYBIND11_MODULE(_C, m) {
     return ddetr::cuda_device_count();
 #else
     return 0;
+#endif
+  });
+  m.def("cuda_unavailable_reason", []() {
+#ifdef DDETR_WITH_CUDA
+    return ddetr::cuda_unavailable_reason();
+#else
+    return std::string("this build of ddetr has no CUDA kernels");
 #endif
   });
   m.def("has_openmp", []() {

@@ -23,14 +23,25 @@
 // lane 0 of the group writes grad_attn / grad_loc, zero for a point that
 // lies outside the map. Every grad_loc / grad_attn element is written once.
 //
-// Indexing is int64 throughout; blocks walk the (n, q, m) groups in a
-// grid-stride loop, so the grid is capped and any N, Lq, M works.
+// Forward, staged path (every thread has one vector of channels, D / VEC <= 32,
+// and one batch item's value fits 32-bit offsets, the usual case): the block
+// first computes the bilinear taps of a chunk of its groups' points, one point
+// per thread rather than once per lane of every group, into shared memory
+// (per point: four corner offsets and four weights with the attention weight
+// folded in; zero weight and offset 0 for a corner outside the map), then
+// every lane gathers its channels of the four corners with no branch, several
+// loads in flight. Otherwise (wide D, huge maps) each lane computes the taps
+// itself with int64 offsets (the general path).
+//
+// Blocks walk the (n, q, m) groups in a grid-stride loop, so the grid is capped
+// and any N, Lq, M works.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <stdexcept>
@@ -79,6 +90,12 @@ __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Hook for the host emulation test (tests/test_cuda_build.py), which checks
+// that every vector access is aligned to its width; nothing on the GPU.
+#ifndef DDETR_ASSERT_ALIGNED
+#define DDETR_ASSERT_ALIGNED(ptr, bytes) ((void)0)
+#endif
+
 // Plain integer type of a vector of `kBytes` bytes: the load / store is one
 // instruction of that width (the caller guarantees the alignment).
 template <int kBytes>
@@ -104,6 +121,7 @@ struct RawVec<2> {
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* p, acc_of<T> (&out)[VEC]) {
   using Raw = typename RawVec<static_cast<int>(sizeof(T)) * VEC>::type;
+  DDETR_ASSERT_ALIGNED(p, sizeof(Raw));
   const Raw raw = __ldg(reinterpret_cast<const Raw*>(p));
   T v[VEC];
   memcpy(v, &raw, sizeof(Raw));
@@ -111,7 +129,10 @@ DDETR_UNROLL
   for (int k = 0; k < VEC; ++k) out[k] = to_acc(v[k]);
 }
 
-// Narrows VEC accumulators to T and stores them in one instruction.
+// Narrows VEC accumulators to T and stores them in one instruction, with an
+// evict-first hint: the output is streamed out, and the L2 is better kept for
+// the value rows that the gathers reuse (at the 800x1333 encoder shape the
+// staged forward's DRAM traffic was 2.5x the bytes it must move).
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* p, const acc_of<T> (&in)[VEC]) {
   using Raw = typename RawVec<static_cast<int>(sizeof(T)) * VEC>::type;
@@ -120,18 +141,24 @@ DDETR_UNROLL
   for (int k = 0; k < VEC; ++k) v[k] = from_acc<T>(in[k]);
   Raw raw;
   memcpy(&raw, v, sizeof(Raw));
-  *reinterpret_cast<Raw*>(p) = raw;
+  DDETR_ASSERT_ALIGNED(p, sizeof(Raw));
+  __stcs(reinterpret_cast<Raw*>(p), raw);  // written once, never read here: evict first
 }
 
-// grad_value[p .. p + VEC) += v. float4 / float2 atomics exist on sm_90+ only
-// (global memory, 16 / 8-byte aligned: `vec_ok` says the base pointer is).
+// grad_value[p .. p + VEC) += v. float4 / float2 atomics exist on sm_90+ only,
+// and only from CUDA 12.1 (global memory, 16 / 8-byte aligned: `vec_ok` says
+// the base pointer is); older toolkits and GPUs take the scalar atomics.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(CUDART_VERSION) && (CUDART_VERSION >= 12010)
+#define DDETR_HAVE_VECTOR_ATOMICS 1
+#endif
 template <int VEC>
 __device__ __forceinline__ void atomic_add_vec(float* p, const float (&v)[VEC], bool vec_ok) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#if defined(DDETR_HAVE_VECTOR_ATOMICS)
   if (vec_ok) {
     if constexpr (VEC % 4 == 0) {
 DDETR_UNROLL
       for (int k = 0; k < VEC; k += 4) {
+        DDETR_ASSERT_ALIGNED(p + k, sizeof(float4));
         atomicAdd(reinterpret_cast<float4*>(p + k), make_float4(v[k], v[k + 1], v[k + 2], v[k + 3]));
       }
       return;
@@ -166,6 +193,7 @@ struct ForwardArgs {
   int64_t num_groups;  // N * Lq * M
   int64_t num_vec;     // D / VEC
   int log2_group;      // G = 1 << log2_group threads per (n, q, m)
+  bool staged;         // the staged path applies (see the top of this file)
 };
 
 template <typename T>
@@ -175,7 +203,7 @@ struct BackwardArgs {
   const acc_of<T>* loc;
   const acc_of<T>* attn;
   const T* grad_out;
-  acc_of<T>* grad_value;
+  acc_of<T>* grad_value;  // nullptr: grad_value is not wanted (deterministic mode adds it up elsewhere)
   acc_of<T>* grad_loc;
   acc_of<T>* grad_attn;
   int64_t num_groups;
@@ -184,10 +212,98 @@ struct BackwardArgs {
   bool vec_atomics;  // grad_value is aligned for the vector atomics
 };
 
-// __grid_constant__: the level tables are indexed at run time straight from
-// the parameter space, without a local-memory copy of the struct.
+// One point's four corners, ready to gather: element offsets from the head's
+// value[n, 0, m, 0] (32-bit) and bilinear weights times the attention weight.
+template <typename acc_t>
+struct StagedTap {
+  int32_t offset[4];
+  acc_t weight[4];
+};
+
+// Taps staged per block and chunk: kStagedPerThread per thread.
+constexpr int kStagedPerThread = 2;
+constexpr int kStagedSlots = kStagedPerThread * kBlockThreads;
+
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlockThreads) msda_forward_kernel(const __grid_constant__ ForwardArgs<T> a) {
+__device__ __forceinline__ void forward_staged(const ForwardArgs<T>& a) {
+  using acc_t = acc_of<T>;
+  __shared__ StagedTap<acc_t> taps[kStagedSlots];  // [point in chunk][group in block]
+  const MsdaShape& s = a.shape;
+  const int64_t S = s.num_keys, M = s.num_heads, D = s.channels, Lq = s.num_queries;
+  const int P = static_cast<int>(s.num_points), LP = static_cast<int>(s.num_levels) * P;
+  const int32_t row_stride = static_cast<int32_t>(M * D);
+  const int G = 1 << a.log2_group;
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int groups_per_block = kBlockThreads >> a.log2_group;
+  const int chunk = kStagedSlots / groups_per_block;  // points per staging round (2 G)
+  const int my_group = static_cast<int>(threadIdx.x) >> a.log2_group;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * groups_per_block;
+
+  // Every loop bound below is uniform across the block, so all threads reach each barrier.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups_per_block; base < a.num_groups; base += grid_stride) {
+    const int64_t gid = base + my_group;
+    const bool active = gid < a.num_groups && lane < a.num_vec;
+    const int64_t m = gid % M;
+    const int64_t n = gid / (Lq * M);
+    const T* head = a.value + (n * S * M + m) * D + static_cast<int64_t>(lane) * VEC;  // value[n, 0, m, lane * VEC]
+    acc_t acc[VEC];
+DDETR_UNROLL
+    for (int k = 0; k < VEC; ++k) acc[k] = static_cast<acc_t>(0);
+
+    for (int p0 = 0; p0 < LP; p0 += chunk) {
+DDETR_UNROLL
+      for (int r = 0; r < kStagedPerThread; ++r) {
+        const int e = static_cast<int>(threadIdx.x) + r * kBlockThreads;
+        const int j = e / groups_per_block, g = e - j * groups_per_block;
+        const int pt = p0 + j;
+        const int64_t sgid = base + g;
+        StagedTap<acc_t> tap;
+DDETR_UNROLL
+        for (int c = 0; c < 4; ++c) {
+          tap.offset[c] = 0;
+          tap.weight[c] = static_cast<acc_t>(0);
+        }
+        if (sgid < a.num_groups && pt < LP) {
+          const int l = pt / P;
+          const acc_t* loc = a.loc + (sgid * LP + pt) * 2;
+          BilinearTaps<acc_t> t;
+          // Locations and weights are read once: streaming loads leave the L2 to the value.
+          if (bilinear_taps<acc_t>(__ldcs(loc), __ldcs(loc + 1), s.level_h[l], s.level_w[l], t)) {
+            const acc_t aw = __ldcs(a.attn + sgid * LP + pt);
+            const int32_t level_first = static_cast<int32_t>(s.level_start[l]);
+DDETR_UNROLL
+            for (int c = 0; c < 4; ++c) {
+              tap.offset[c] = (level_first + static_cast<int32_t>(t.index[c])) * row_stride;
+              tap.weight[c] = aw * t.weight[c];
+            }
+          }
+        }
+        taps[e] = tap;
+      }
+      __syncthreads();
+      const int points = chunk < LP - p0 ? chunk : LP - p0;
+      if (active) {
+#pragma unroll 4
+        for (int j = 0; j < points; ++j) {
+          const StagedTap<acc_t> tap = taps[j * groups_per_block + my_group];
+          acc_t val[4][VEC];
+DDETR_UNROLL
+          for (int c = 0; c < 4; ++c) load_vec<T, VEC>(head + tap.offset[c], val[c]);
+DDETR_UNROLL
+          for (int c = 0; c < 4; ++c) {
+DDETR_UNROLL
+            for (int k = 0; k < VEC; ++k) acc[k] += tap.weight[c] * val[c][k];
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (active) store_vec<T, VEC>(a.out + gid * D + static_cast<int64_t>(lane) * VEC, acc);
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void forward_general(const ForwardArgs<T>& a) {
   using acc_t = acc_of<T>;
   const MsdaShape& s = a.shape;
   const int64_t S = s.num_keys, M = s.num_heads, D = s.channels, Lq = s.num_queries;
@@ -231,6 +347,18 @@ DDETR_UNROLL
       }
       store_vec<T, VEC>(a.out + gid * D + ch, acc);
     }
+  }
+}
+
+// __grid_constant__: the level tables are indexed at run time straight from
+// the parameter space, without a local-memory copy of the struct. `staged` is
+// uniform across the grid.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlockThreads) msda_forward_kernel(const __grid_constant__ ForwardArgs<T> a) {
+  if (a.staged) {
+    forward_staged<T, VEC>(a);
+  } else {
+    forward_general<T, VEC>(a);
   }
 }
 
@@ -297,7 +425,7 @@ DDETR_UNROLL
                   dot += g[k] * val[k];
                   gv[k] = aw_c * g[k];
                 }
-                atomic_add_vec<VEC>(a.grad_value + off, gv, a.vec_atomics);
+                if (a.grad_value != nullptr) atomic_add_vec<VEC>(a.grad_value + off, gv, a.vec_atomics);
                 ga += t.weight[c] * dot;
                 gx += t.dweight_dx[c] * dot;
                 gy += t.dweight_dy[c] * dot;
@@ -359,6 +487,9 @@ ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out) {
   const int vec = pick_vec<T>(s.channels, {p.value, p.output});
   a.num_vec = s.channels / vec;
   a.log2_group = log2_group_for(a.num_vec);
+  // Staged: one vector per lane, and every offset inside one batch item's value
+  // (S * M * D elements) fits int32.
+  a.staged = a.num_vec <= kMaxGroup && s.num_keys * s.num_heads * s.channels <= INT32_MAX && s.num_levels * s.num_points <= INT32_MAX;
   *vec_out = vec;
   return a;
 }
@@ -376,7 +507,10 @@ BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out) {
   a.grad_loc = static_cast<acc_of<T>*>(p.grad_loc);
   a.grad_attn = static_cast<acc_of<T>*>(p.grad_attn);
   a.num_groups = s.batch * s.num_queries * s.num_heads;
-  const int vec = pick_vec<T>(s.channels, {p.value, p.grad_output});
+  // At most 16 bytes of accumulators per lane (4 floats): a lane's atomics into
+  // grad_value then stay one vector wide, and 16-bit types spread over as many
+  // lanes as float32 does instead of doing twice the work per lane.
+  const int vec = std::min(pick_vec<T>(s.channels, {p.value, p.grad_output}), 16 / static_cast<int>(sizeof(acc_of<T>)));
   a.num_vec = s.channels / vec;
   a.log2_group = log2_group_for(a.num_vec);
   // The vector atomics add min(vec, 4) floats at element offsets that are
@@ -404,6 +538,10 @@ void cuda_check(cudaError_t err, const char* what) {
 #define DDETR_CUDA_CHECK(call) cuda_check((call), #call)
 
 // Makes `device` current for the scope and restores the previous device.
+// The Python entry point makes the tensors' device current before it calls in
+// (through torch, which knows whether a device already has a context), so from
+// there this guard finds the device current and switches nothing; it matters
+// only for direct callers of the module.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
@@ -414,7 +552,9 @@ class DeviceGuard {
     }
   }
   ~DeviceGuard() {
-    if (switched_) (void)cudaSetDevice(prev_);  // never throws from a destructor
+    // Never throws from a destructor, and never leaves a failed restore pending
+    // for the caller's next cudaGetLastError().
+    if (switched_ && cudaSetDevice(prev_) != cudaSuccess) (void)cudaGetLastError();
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
@@ -475,10 +615,18 @@ void launch_planned(const Args& a, int vec, int device, void* stream) {
   throw std::logic_error(std::string("ddetr CUDA: ") + Kernels::name + ": no kernel for vector width " + std::to_string(vec));
 }
 
+// DDETR_CUDA_FORWARD=general forces the general forward path (to compare the
+// two on one GPU: scripts/gpu_check.sh bench).
+bool general_forward_forced() {
+  const char* v = std::getenv("DDETR_CUDA_FORWARD");
+  return v != nullptr && std::strcmp(v, "general") == 0;
+}
+
 template <typename T>
 void forward_typed(const MsdaForwardParams& p) {
   int vec = 1;
-  const ForwardArgs<T> a = plan_forward<T>(p, &vec);
+  ForwardArgs<T> a = plan_forward<T>(p, &vec);
+  if (general_forward_forced()) a.staged = false;
   if (a.num_groups == 0 || p.shape.channels == 0) return;
   launch_planned<T, ForwardKernels<T>>(a, vec, p.device, p.stream);
 }
@@ -518,7 +666,7 @@ void msda_backward_cuda(const MsdaBackwardParams& p) {
 
 // 0 when there is no driver or no device: a CPU-only machine imports and runs
 // the module. The failed query's error is cleared so it does not leak into a
-// later cudaGetLastError().
+// later cudaGetLastError(); cuda_unavailable_reason() keeps its text.
 int cuda_device_count() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
@@ -527,6 +675,23 @@ int cuda_device_count() {
     return 0;
   }
   return count;
+}
+
+std::string cuda_unavailable_reason() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaSuccess) return count > 0 ? std::string() : std::string("no CUDA device is visible");
+  (void)cudaGetLastError();
+  int runtime = 0, driver = 0;
+  (void)cudaRuntimeGetVersion(&runtime);
+  (void)cudaDriverGetVersion(&driver);
+  std::string why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice || err == cudaErrorSystemDriverMismatch) {
+    const auto ver = [](int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); };
+    why += " (ddetr's kernels were built with CUDA " + ver(runtime) + "; the driver " +
+           (driver > 0 ? "supports CUDA " + ver(driver) : std::string("was not found")) + ")";
+  }
+  return why;
 }
 #endif  // DDETR_MSDA_CUDA_NO_LAUNCH
 

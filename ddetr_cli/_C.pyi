@@ -42,13 +42,19 @@ def backward(
     num_threads: int = 1,
 ) -> None:
     """Fills grad_value (accumulated), grad_sampling_locations and
-    grad_attention_weights (fully written). Bitwise deterministic on the CPU."""
+    grad_attention_weights (fully written). Bitwise deterministic on the CPU.
+    On CUDA grad_value may be left out of ``buffers``: only the other two are
+    then computed (the deterministic mode adds grad_value up itself)."""
 
 def has_cuda() -> bool:
     """True when this build contains the CUDA kernels."""
 
 def cuda_device_count() -> int:
     """Visible CUDA devices (0 without a driver or GPU, or in a CPU-only build)."""
+
+def cuda_unavailable_reason() -> str:
+    """Empty when a CUDA device is usable; otherwise why not, with CUDA's own
+    error text (for example a driver too old for the runtime built in)."""
 
 def has_openmp() -> bool: ...
 def max_threads() -> int: ...

@@ -160,6 +160,8 @@ _EMU_CPP = r"""
 #define __launch_bounds__(...)
 #undef __grid_constant__
 #define __grid_constant__
+#undef __shared__
+#define __shared__ static  // blocks run one after another, so one array per kernel serves each block in turn
 
 namespace emu {
 struct Warp {
@@ -171,10 +173,18 @@ struct Warp {
 thread_local uint3 tIdx, bIdx;
 thread_local dim3 gDim;
 thread_local Warp* warp = nullptr;
+thread_local std::barrier<>* block = nullptr;
 thread_local int lane = 0;
 thread_local long long shuffles = 0;
 std::atomic<long long> errors{0};
+std::atomic<long long> misaligned{0};
 }  // namespace emu
+
+// Every vector load, store and atomic must be aligned to its width on the GPU.
+#define DDETR_ASSERT_ALIGNED(ptr, bytes) \
+  do { if (reinterpret_cast<uintptr_t>(ptr) % (bytes) != 0) ++emu::misaligned; } while (0)
+
+inline void __syncthreads() { emu::block->arrive_and_wait(); }
 
 #define threadIdx emu::tIdx
 #define blockIdx emu::bIdx
@@ -182,6 +192,10 @@ std::atomic<long long> errors{0};
 
 template <typename T>
 T __ldg(const T* p) { return *p; }
+template <typename T>
+T __ldcs(const T* p) { return *p; }
+template <typename T>
+void __stcs(T* p, T v) { *p = v; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 
@@ -213,6 +227,7 @@ template <typename K, typename A>
 void run_grid(K kernel, const A& a, unsigned grid) {
   for (unsigned b = 0; b < grid; ++b) {
     std::vector<emu::Warp> warps(kBlockThreads / 32);
+    std::barrier<> block_barrier(kBlockThreads);
     std::vector<std::thread> threads;
     threads.reserve(kBlockThreads);
     for (int t = 0; t < kBlockThreads; ++t) {
@@ -221,11 +236,13 @@ void run_grid(K kernel, const A& a, unsigned grid) {
         emu::bIdx = make_uint3(b, 0, 0);
         emu::gDim = dim3(grid, 1, 1);
         emu::warp = &warps[t / 32];
+        emu::block = &block_barrier;
         emu::lane = t % 32;
         emu::shuffles = 0;
         kernel(a);
         ++emu::warp->exited;
         emu::warp->bar.arrive_and_drop();
+        block_barrier.arrive_and_drop();
       });
     }
     for (auto& th : threads) th.join();
@@ -275,7 +292,8 @@ MsdaShape make_shape(const int64_t* sizes, const int64_t* hw) {
 }  // namespace
 }  // namespace ddetr
 
-// Both return the vector width the launcher chose, or -1 after a warp error.
+// Both return the vector width the launcher chose, -1 after a warp error, -2
+// after a misaligned vector access.
 extern "C" int emu_forward(int dtype, const int64_t* sizes, const int64_t* hw, const void* value,
                            const void* loc, const void* attn, void* out, unsigned grid) {
   using namespace ddetr;
@@ -289,7 +307,7 @@ extern "C" int emu_forward(int dtype, const int64_t* sizes, const int64_t* hw, c
     case DType::kBFloat16: vec = forward<__nv_bfloat16>(p, grid); break;
     case DType::kFloat16: vec = forward<__half>(p, grid); break;
   }
-  return emu::errors ? -1 : vec;
+  return emu::errors ? -1 : (emu::misaligned ? -2 : vec);
 }
 
 extern "C" int emu_backward(int dtype, const int64_t* sizes, const int64_t* hw, const void* value,
@@ -307,7 +325,7 @@ extern "C" int emu_backward(int dtype, const int64_t* sizes, const int64_t* hw, 
     case DType::kBFloat16: vec = backward<__nv_bfloat16>(p, grid); break;
     case DType::kFloat16: vec = backward<__half>(p, grid); break;
   }
-  return emu::errors ? -1 : vec;
+  return emu::errors ? -1 : (emu::misaligned ? -2 : vec);
 }
 """
 
@@ -356,6 +374,7 @@ _EMU_CHECK = textwrap.dedent(
         ga = torch.full(attn.shape, float("nan"), dtype=acc)
         vec_b = lib.emu_backward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(grad_k),
                                  ptr(gv), ptr(gl), ptr(ga), ctypes.c_uint(grid))
+        assert vec_f != -2 and vec_b != -2, "a vector access was not aligned to its width"
         assert vec_f > 0 and vec_b > 0, "a warp did not shuffle with all 32 lanes"
         v, l, a = (t.double().requires_grad_() for t in (value, loc, attn))
         ref = ms_deform_attn_torch(v, torch.tensor(shapes), None, l, a)
@@ -382,6 +401,8 @@ _EMU_CHECK = textwrap.dedent(
     case(torch.float64, 2, 9, 4, 6, odd, P=2, grid=3, misalign=1, special=True)
     case(torch.float32, 1, 40, 8, 32, [(5, 6), (3, 3), (2, 1), (1, 1)], P=4, grid=1, special=True)
     case(torch.float32, 2, 3, 2, 1100, odd, P=2, grid=1, special=True)
+    # Staged forward: 20 points per group in staging rounds of 16, 20 grid-stride steps.
+    case(torch.float32, 2, 40, 8, 32, [(6, 7), (3, 4), (2, 2), (1, 1)], P=5, grid=1, special=True)
     print(json.dumps(sorted(widths)))
     """
 )

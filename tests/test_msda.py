@@ -372,3 +372,20 @@ def test_backward_of_a_level_too_large_to_pack():
     ref = torch.autograd.grad(ms_deform_attn_torch(value, spatial, start, loc, attn), (value, loc, attn), grad)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shapes", [[(3, 4), (2, 2), (1, 1)], [(5, 1)], [(7, 5), (3, 4)]])
+def test_ordered_grad_value_matches_the_kernel(shapes):
+    """The deterministic-mode value gradient (index_add_ in a fixed order) is
+    the kernel's, non-finite and outside locations included."""
+    from ddetr_cli.ops.msda_grad_value import msda_grad_value
+
+    value, spatial, start, loc, attn = make_case(shapes, N=2, Lq=7, M=3, D=5, P=4)
+    loc.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), 5.0, -3.0], dtype=loc.dtype)
+    v = value.clone().requires_grad_()
+    out = ms_deform_attn(v, spatial, start, loc, attn, backend="native")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    shapes_list = [tuple(s) for s in spatial.tolist()]
+    got = msda_grad_value(grad.view(2, 7, 3, 5), shapes_list, start.tolist(), loc, attn, value.shape[1])
+    torch.testing.assert_close(got, v.grad, rtol=1e-12, atol=1e-12)

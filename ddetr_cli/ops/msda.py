@@ -17,6 +17,13 @@ locations, attention weights and all accumulation use float32 (float64 for
 float64 values), so bf16/fp16 models keep sub-pixel sampling precision. A
 sampling location that is NaN, +-inf or outside the map contributes zero and
 gets a zero gradient.
+
+CUDA: the op makes no host sync when ``spatial_shapes`` and
+``level_start_index`` are CPU tensors (the model keeps them there), so it runs
+under CUDA-graph capture. The backward adds grad_value up with atomics, in an
+order that varies from run to run; under
+``torch.use_deterministic_algorithms(True)`` it adds it up in a fixed order
+instead (:mod:`ddetr_cli.ops.msda_grad_value`), bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from types import ModuleType
 
 import torch
 
+from .msda_grad_value import msda_grad_value
 from .msda_torch import ms_deform_attn_torch
 
 ENV_BACKEND = "DDETR_MSDA_BACKEND"
@@ -38,6 +46,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat
 
 _ext: ModuleType | None = None
 _ext_error: str | None = None
+_cuda_unusable: str | None = None  # why the CUDA kernels cannot run here ("" when they can), asked once
 _warned_cuda_fallback = False
 
 
@@ -59,13 +68,29 @@ def extension_error() -> str | None:
     return _ext_error
 
 
+def cuda_unusable_reason() -> str:
+    """Empty when the compiled CUDA kernels can run here; otherwise why not: no
+    extension, a CPU-only build, or CUDA's own error text (a driver too old for
+    the CUDA runtime the kernels were built with, no device). Asked once."""
+    global _cuda_unusable
+    if _cuda_unusable is None:
+        ext = extension()
+        if ext is None:
+            _cuda_unusable = f"the compiled module failed to import: {_ext_error}"
+        elif not ext.has_cuda():
+            _cuda_unusable = "this build has no CUDA kernels (built without nvcc?)"
+        else:
+            _cuda_unusable = ext.cuda_unavailable_reason()
+    return _cuda_unusable
+
+
 def native_supports(device: torch.device) -> bool:
     ext = extension()
     if ext is None:
         return False
     if device.type == "cpu":
         return True
-    return device.type == "cuda" and bool(ext.has_cuda())
+    return device.type == "cuda" and not cuda_unusable_reason()
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -82,14 +107,21 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         return "native"
     if choice == "native":
         ext = extension()
-        why = f"the compiled module failed to import: {_ext_error}" if ext is None else f"this build has no {device.type.upper()} kernels"
+        if ext is None:
+            why = f"the compiled module failed to import: {_ext_error}"
+        elif device.type == "cuda":
+            why = cuda_unusable_reason()
+        else:
+            why = f"this build has no {device.type.upper()} kernels"
         raise RuntimeError(f"backend 'native' requested for {device.type} tensors, but {why}")
     if device.type == "cuda" and not _warned_cuda_fallback:
         _warned_cuda_fallback = True
+        why = cuda_unusable_reason()
+        hint = (" Rebuild with nvcc on PATH (pip install --no-build-isolation -e .) to get them."
+                if "no CUDA kernels" in why else "")
         warnings.warn(
-            "ddetr: the compiled extension has no CUDA kernels (built without nvcc?); "
-            "multi-scale deformable attention falls back to the slower PyTorch path. "
-            "Rebuild with nvcc on PATH (pip install --no-build-isolation -e .) to get them.",
+            f"ddetr: the native CUDA kernels cannot run ({why}); "
+            f"multi-scale deformable attention falls back to the slower PyTorch path.{hint}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -109,6 +141,9 @@ def _level_geometry(
         raise TypeError(f"level_start_index: expected an integer tensor, got {level_start_index.dtype}")
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] < 1:
         raise ValueError(f"spatial_shapes: expected shape (L, 2) with L >= 1, got {tuple(spatial_shapes.shape)}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"{name}: pass a CPU tensor under CUDA-graph capture (reading a CUDA one needs a host sync)")
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     if len(shapes) != num_levels:
         raise ValueError(f"spatial_shapes: has {len(shapes)} levels, but sampling_locations has L = {num_levels}")
@@ -202,9 +237,13 @@ class _Launch:
     def run(self, kernel: str, value: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
         device, index, stream, threads = _launch_args(value)
         pointers = {name: (t.data_ptr(), t.numel()) for name, t in {**self.inputs, **buffers}.items()}
-        getattr(self.ext, kernel)(
-            device, index, _DTYPE_NAMES[value.dtype], self.sizes, self.shapes, self.starts, pointers, stream, threads
-        )
+        call = getattr(self.ext, kernel)
+        args = (device, index, _DTYPE_NAMES[value.dtype], self.sizes, self.shapes, self.starts, pointers, stream, threads)
+        if device == "cuda" and index != torch.cuda.current_device():
+            with torch.cuda.device(index):  # torch's guard: no stray context on the device switched back to
+                call(*args)
+        else:
+            call(*args)
 
 
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> _Launch:
@@ -259,13 +298,19 @@ def _msda_backward_op(
     N, S, M, D, Lq, _, _ = launch.sizes
     if tuple(grad_output.shape) != (N, Lq, M * D):
         raise ValueError(f"grad_output: expected shape {(N, Lq, M * D)}, got {tuple(grad_output.shape)}")
-    grad_value = torch.zeros((N, S, M, D), dtype=launch.acc, device=value.device)  # accumulated into
+    grad_out = grad_output.to(value.dtype).contiguous()
     grad_loc = torch.empty_like(launch.inputs["sampling_locations"])  # fully written by the kernel
     grad_attn = torch.empty_like(launch.inputs["attention_weights"])
-    launch.run("backward", value, {
-        "grad_output": grad_output.to(value.dtype).contiguous(), "grad_value": grad_value,
-        "grad_sampling_locations": grad_loc, "grad_attention_weights": grad_attn,
-    })
+    buffers = {"grad_output": grad_out, "grad_sampling_locations": grad_loc, "grad_attention_weights": grad_attn}
+    # The CUDA kernel adds grad_value up with atomics (run-to-run order varies);
+    # in deterministic mode it leaves grad_value out and index_add_ sums it in order.
+    deterministic = value.device.type == "cuda" and torch.are_deterministic_algorithms_enabled()
+    if not deterministic:
+        buffers["grad_value"] = grad_value = torch.zeros((N, S, M, D), dtype=launch.acc, device=value.device)
+    launch.run("backward", value, buffers)
+    if deterministic:
+        grad_value = msda_grad_value(grad_out.view(N, Lq, M, D), launch.shapes, launch.starts,
+                                     launch.inputs["sampling_locations"], launch.inputs["attention_weights"], S)
     return (
         grad_value.to(value.dtype),
         grad_loc.to(sampling_locations.dtype),

@@ -2,6 +2,7 @@
 // CPU and CUDA kernels and the pybind11 entry point. No framework types here.
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace ddetr {
 
@@ -47,6 +48,7 @@ struct MsdaBackwardParams {
   const void* attn_weight = nullptr;    // [N, Lq, M, L, P]       acc
   const void* grad_output = nullptr;    // [N, Lq, M, D]           dtype
   void* grad_value = nullptr;           // [N, S, M, D]            acc, zero-filled by the caller
+                                        //   (CUDA: may be nullptr, then only grad_loc / grad_attn are computed)
   void* grad_loc = nullptr;             // [N, Lq, M, L, P, 2]    acc (fully written)
   void* grad_attn = nullptr;            // [N, Lq, M, L, P]       acc (fully written)
   int num_threads = 1;
@@ -64,6 +66,9 @@ const char* msda_cpu_isa();
 void msda_forward_cuda(const MsdaForwardParams& p);
 void msda_backward_cuda(const MsdaBackwardParams& p);
 int cuda_device_count();
+// Empty when a device is usable; otherwise the CUDA error text (a driver too
+// old for the runtime these kernels were built with, no driver, no device).
+std::string cuda_unavailable_reason();
 #endif
 
 }  // namespace ddetr
