@@ -1,7 +1,7 @@
 """End-to-end inference latency of R50 Deformable DETR (random weights).
 
 Cases: our model with the native op, our model with the PyTorch (grid_sample)
-op, and — when transformers is importable — Hugging Face's
+op, on CUDA our model with the native op replayed as a CUDA graph, and — when transformers is importable — Hugging Face's
 ``DeformableDetrForObjectDetection`` with the same architecture (transformers'
 own ResNet-50, no timm, nothing downloaded). Each case is timed whole and split
 into backbone / encoder / decoder with forward hooks (CUDA is synchronised at
@@ -97,7 +97,7 @@ def _hf_model(device: torch.device) -> nn.Module | None:
 
 def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1, height: int = 800,
                 width: int = 1066, warmup: int = 1, repeats: int = 3, include_hf: bool = True,
-                progress: Callable[[str], None] | None = None) -> list[dict]:
+                include_torch_op: bool = True, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Returns one row per case::
 
         {"name", "ms_per_img", "ratio", "ratio_vs", "backbone_ms", "encoder_ms", "decoder_ms",
@@ -123,10 +123,13 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
     rows: list[dict] = []
 
     def add(name: str, times: dict[str, float]) -> None:
+        def per_image(part: str) -> float | None:
+            return times[part] / batch if part in times else None  # a CUDA graph has no split
+
         rows.append({
             "name": name, "ms_per_img": times["total"] / batch, "ratio": None, "ratio_vs": None,
-            "backbone_ms": times["backbone"] / batch, "encoder_ms": times["encoder"] / batch,
-            "decoder_ms": times["decoder"] / batch, "total_ms": times["total"], "batch": batch,
+            "backbone_ms": per_image("backbone"), "encoder_ms": per_image("encoder"),
+            "decoder_ms": per_image("decoder"), "total_ms": times["total"], "batch": batch,
             "height": height, "width": width, "dtype": dtype, "device": str(device),
         })
 
@@ -140,13 +143,22 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
             with torch.inference_mode(), autocast():
                 return ours(images)
 
-        for backend in ("native", "torch"):
+        for backend in ("native", "torch") if include_torch_op else ("native",):
             say(f"ddetr + {backend} op")
             ours.set_msda_backend(backend)
             add(f"ddetr ({backend} op)", _time_case(run_ours, device, parts, warmup=warmup, repeats=repeats))
+        if device.type == "cuda":
+            from ..runtime.cuda_graph import CudaGraphRunner
+
+            say("ddetr + native op, CUDA graph")
+            ours.set_msda_backend("native")
+            graphed = CudaGraphRunner(ours, autocast=autocast_dtype)
+            add("ddetr (native op, CUDA graph)", _time_case(lambda: graphed(images), device, {}, warmup=warmup,
+                                                            repeats=repeats))
+            del graphed
         del ours
 
-        reference = "ddetr (torch op)"
+        reference = "ddetr (torch op)" if include_torch_op else "ddetr (native op)"
         hf = _hf_model(device) if include_hf else None
         if hf is not None:
             say("transformers DeformableDetrForObjectDetection")

@@ -76,6 +76,30 @@ def _step(backend: str, inputs, backward: bool) -> Callable[[], object]:
     return fwd_bwd
 
 
+def min_bytes(inputs, backward: bool) -> int:
+    """Bytes the op must move at the least: every input read once and every
+    output written once (the backward also reads grad_output and writes the
+    three gradients, in the accumulation dtype)."""
+    value, _, _, loc, attn = inputs
+    out = loc.shape[0] * loc.shape[1] * value.shape[2] * value.shape[3] * value.element_size()
+    acc = 8 if value.dtype == torch.float64 else 4
+    fwd = value.numel() * value.element_size() + loc.numel() * loc.element_size() + attn.numel() * attn.element_size()
+    if not backward:
+        return fwd + out
+    grads = value.numel() * acc + (loc.numel() + attn.numel()) * acc
+    return fwd + out + grads
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read and written:
+    the practical DRAM ceiling the op's floor is measured against."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, warmup=2, repeats=10)
+    del src, dst
+    return 2 * nbytes / (t.median_ms / 1e3)
+
+
 def bench_op(
     device: torch.device,
     *,
@@ -90,6 +114,7 @@ def bench_op(
     """One row per (case, batch, pass) with the median ms of every backend,
     the speed-up of the first over the others and the extra peak memory."""
     rows = []
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for key in cases or list(CASES):
         case = CASES[key]
         for batch in batches:
@@ -111,6 +136,10 @@ def bench_op(
                 if len(backends) > 1:
                     for other in backends[1:]:
                         row[f"speedup_vs_{other}"] = row[f"{other}_ms"] / row[f"{backends[0]}_ms"]
+                if bandwidth is not None:
+                    row["copy_gb_s"] = bandwidth / 1e9
+                    row["floor_ms"] = min_bytes(inputs, backward) / bandwidth * 1e3
+                    row["x_floor"] = row[f"{backends[0]}_ms"] / row["floor_ms"]
                 rows.append(row)
             del inputs
     return rows

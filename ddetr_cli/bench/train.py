@@ -75,9 +75,14 @@ def bench_train(
             times.append(time.perf_counter() - t0)
         if progress is not None:
             progress(i + 1, total)
+    return _row(preset_name, device, batch, height, width, dtype, iters, times)
+
+
+def _row(name: str, device: torch.device, batch: int, height: int, width: int, dtype, iters: int,
+         times: list[float]) -> dict:
     per_iter = sum(times) / len(times) if times else float("nan")
     return {
-        "model": preset_name,
+        "model": name,
         "device": str(device),
         "batch": batch,
         "height": height,
@@ -88,3 +93,74 @@ def bench_train(
         "images_per_s": batch / per_iter if times else float("nan"),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+
+
+def bench_train_hf(
+    device: torch.device | str,
+    *,
+    batch: int = 2,
+    height: int = 800,
+    width: int = 1066,
+    iters: int = 3,
+    warmup: int = 1,
+    amp: str | None = None,
+) -> dict:
+    """The same step with transformers' DeformableDetrForObjectDetection (its
+    own loss, AdamW at lr 2e-4, grad clip 0.1). Returns the row of
+    :func:`bench_train`, with ``error`` set instead when transformers is
+    missing or its training step raises."""
+    from ..engine.amp import amp_dtype, needs_grad_scaler
+    from .model import _hf_model
+
+    device = torch.device(device)
+    try:
+        hf = _hf_model(device)
+    except Exception as exc:  # noqa: BLE001 - reported as a row, the benchmark goes on
+        hf, error = None, f"{type(exc).__name__}: {exc}"
+    else:
+        error = "transformers is not installed"
+    dtype = amp_dtype(amp or "off", device)
+    row = _row("transformers", device, batch, height, width, dtype, iters, [])
+    if hf is None:
+        return {**row, "error": error}
+    hf.train()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, height, width, generator=g).to(device)  # [B, 3, H, W]
+    pixel_mask = torch.ones(batch, height, width, dtype=torch.long, device=device)  # [B, H, W], 1 = pixel
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]}
+              for t in _random_targets(batch, hf.config.num_labels, g, device)]
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=2e-4, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(dtype, device) else None
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = hf(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: list[float] = []
+    try:
+        for i in range(warmup + iters):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - e.g. transformers 5.24's NameError in its loss
+        return {**row, "error": f"{type(exc).__name__}: {exc}"}
+    return _row("transformers", device, batch, height, width, dtype, iters, times)

@@ -44,14 +44,22 @@ def _op_table(rows, env):
 
     t = Table(title=f"ms_deform_attn on {env['device']} · {rows[0]['dtype'] if rows else ''} · {env['threads']} threads"
               f"{' · ' + env['native_isa'] if env.get('native_isa') else ''}", title_justify="left")
-    for col in ("case", "batch", "pass", "native ms", "torch ms", "speed-up", "native peak MB", "torch peak MB", "output MB"):
+    floor = bool(rows) and "floor_ms" in rows[0]
+    cols = ["case", "batch", "pass", "native ms", "torch ms", "speed-up", "native peak MB", "torch peak MB", "output MB"]
+    if floor:
+        cols += ["floor ms", "x floor"]
+    for col in cols:
         t.add_column(col, justify="left" if col in ("case", "pass") else "right")
+    spec = ".3f" if env["device"].startswith("cuda") else ".1f"
     for r in rows:
-        t.add_row(
-            r["case"], str(r["batch"]), r["pass"], _fmt(r.get("native_ms")), _fmt(r.get("torch_ms")),
+        cells = [
+            r["case"], str(r["batch"]), r["pass"], _fmt(r.get("native_ms"), spec), _fmt(r.get("torch_ms"), spec),
             _fmt(r.get("speedup_vs_torch"), ".1f") + ("x" if r.get("speedup_vs_torch") else ""),
             _fmt(r.get("native_peak_mb")), _fmt(r.get("torch_peak_mb")), _fmt(r["output_mb"]),
-        )
+        ]
+        if floor:
+            cells += [_fmt(r["floor_ms"], ".3f"), _fmt(r["x_floor"], ".1f") + "x"]
+        t.add_row(*cells)
     return t
 
 
@@ -59,9 +67,10 @@ def _rows_table(title: str, rows: list[dict]):
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    cols = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))] if rows else []
+    cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))))
     for c in cols:
-        t.add_column(c, justify="left" if isinstance(rows[0][c], str) else "right")
+        sample = next(r[c] for r in rows if c in r)
+        t.add_column(c, justify="left" if isinstance(sample, str) else "right")
     for r in rows:
         t.add_row(*(_fmt(r.get(c), ".2f") if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
     return t
@@ -77,11 +86,11 @@ def _rows_table(title: str, rows: list[dict]):
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: PyTorch's).")
-@click.option("--no-torch", is_flag=True, help="Op: skip the slow grid_sample reference.")
+@click.option("--no-torch", is_flag=True, help="Op and --model: skip the slow grid_sample reference.")
 @click.option("--model", "model_bench", is_flag=True, help="End-to-end R50 Deformable DETR inference (ours native/torch op, HF if installed).")
 @click.option("--train", "train_bench", is_flag=True, help="Training throughput (images/s) of R50 at the official recipe.")
 @click.option("--imgsz", type=(int, int), default=(800, 1066), show_default=True, help="--model/--train image size H W.")
-@click.option("--no-hf", is_flag=True, help="--model: skip Hugging Face transformers even when installed.")
+@click.option("--no-hf", is_flag=True, help="--model/--train: skip Hugging Face transformers even when installed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the figures as JSON to PATH ('-' for stdout).")
 @pass_app
@@ -116,14 +125,24 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
             from ..bench.model import bench_model
 
             rows = bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=imgsz[0], width=imgsz[1],
-                               warmup=warmup, repeats=repeats, include_hf=not no_hf, progress=progress)
+                               warmup=warmup, repeats=repeats, include_hf=not no_hf, include_torch_op=not no_torch,
+                               progress=progress)
             report["model"] = rows
         if train_bench:
             from ..bench.train import bench_train
 
-            report["train"] = bench_train(dev, batch=(batches or (2,))[0], height=imgsz[0], width=imgsz[1],
-                                          iters=repeats, warmup=warmup, amp=None if dtype == "float32" else dtype,
-                                          progress=lambda done, total: progress(f"training step {done}/{total}"))
+            from ..bench.train import bench_train_hf
+
+            train_args = dict(batch=(batches or (2,))[0], height=imgsz[0], width=imgsz[1], iters=repeats,
+                              warmup=warmup, amp={"bfloat16": "bf16", "float16": "fp16"}.get(dtype))
+            rows = [bench_train(dev, **train_args, progress=lambda done, total: progress(f"training step {done}/{total}"))]
+            if not no_hf:
+                progress("transformers training step")
+                hf_row = bench_train_hf(dev, **train_args)
+                if hf_row.get("error") is None:
+                    hf_row["ddetr_speedup"] = rows[0]["sec_per_iter"] and hf_row["sec_per_iter"] / rows[0]["sec_per_iter"]
+                rows.append(hf_row)
+            report["train"] = rows
         if not model_bench and not train_bench:
             from ..bench.op import bench_op
             from ..ops import native_supports

@@ -144,8 +144,13 @@ class DeformableDETR(nn.Module):
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
             srcs, masks, pos, query_embed, has_padding)
 
+        want_aux = self.training if return_aux is None else return_aux
+        # Without aux outputs only the last layer's heads are needed (the box
+        # refinement inside the decoder already ran its own heads).
+        levels = range(len(hs)) if want_aux and self.config.aux_loss else [len(hs) - 1]
         logits, boxes = [], []
-        for lvl, h in enumerate(hs):
+        for lvl in levels:
+            h = hs[lvl]
             reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1])  # [B, Q, 2|4]
             delta = self.bbox_embed[lvl](h).float()  # [B, Q, 4]
             if reference.shape[-1] == 4:
@@ -156,7 +161,6 @@ class DeformableDETR(nn.Module):
             boxes.append(coord.sigmoid())  # [B, Q, 4]
 
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        want_aux = self.training if return_aux is None else return_aux
         if want_aux and self.config.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if want_aux and self.config.two_stage:

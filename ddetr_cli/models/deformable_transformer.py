@@ -178,6 +178,7 @@ class DeformableTransformer(nn.Module):
             for _ in range(cfg.dec_layers)
         ])
         self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
+        self._normalizers: dict[tuple, torch.Tensor] = {}  # see offset_normalizer()
         if cfg.two_stage:
             self.enc_output = nn.Linear(d, d)
             self.enc_output_norm = nn.LayerNorm(d)
@@ -203,6 +204,19 @@ class DeformableTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.backend = backend
+
+    def offset_normalizer(self, shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """[L, 2] float32 (W, H) per level on ``device``, made once per level
+        geometry: a host-to-device copy per forward would sync with the host
+        and cannot be captured in a CUDA graph. The cache holds the last few."""
+        key = (tuple(shapes), str(device))
+        cached = self._normalizers.get(key)
+        if cached is None:
+            if len(self._normalizers) >= 16:
+                self._normalizers.pop(next(iter(self._normalizers)))
+            cached = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=device)
+            self._normalizers[key] = cached
+        return cached
 
     def gen_encoder_output_proposals(self, memory: torch.Tensor, padding_mask: torch.Tensor,
                                      shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +270,7 @@ class DeformableTransformer(nn.Module):
                                  for lvl, p in enumerate(pos_embeds)], 1)  # [B, S, C]
         spatial_shapes = torch.tensor(shapes, dtype=torch.long)  # [L, 2] on the CPU
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))  # [L]
-        offset_normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=src_flatten.device)
+        offset_normalizer = self.offset_normalizer(shapes, src_flatten.device)  # [L, 2] (W, H)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # [B, L, 2]
         if has_padding is None:
             has_padding = bool(mask_flatten.any()) if mask_flatten.device.type == "cpu" else True
