@@ -13,10 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, corrupt or of an unexpected layout.
-    The message names the file."""
+from ..errors import CheckpointError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

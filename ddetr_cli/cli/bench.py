@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from .app import App, pass_app, resolve_device
+from .app import App, pass_app
+from .errors import user_errors
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -73,20 +74,22 @@ def _rows_table(title: str, rows: list[dict]):
               help="Op: tensor dtype. --model/--train: float32, or bfloat16/float16 autocast.")
 @click.option("--case", "cases", multiple=True, type=click.Choice(["encoder", "encoder-1333", "decoder"]),
               help="Op shapes to time (repeatable; default all).")
-@click.option("--batch", "batches", multiple=True, type=click.IntRange(1), help="Batch sizes (repeatable; default 1 and 2).")
+@click.option("--batch-size", "batches", multiple=True, type=click.IntRange(1),
+              help="Batch sizes (repeatable; default: op 1 and 2, --model 1, --train 2).")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: PyTorch's).")
 @click.option("--no-torch", is_flag=True, help="Op: skip the slow grid_sample reference.")
 @click.option("--model", "model_bench", is_flag=True, help="End-to-end R50 Deformable DETR inference (ours native/torch op, HF if installed).")
 @click.option("--train", "train_bench", is_flag=True, help="Training throughput (images/s) of R50 at the official recipe.")
-@click.option("--imgsz", type=(int, int), default=(800, 1066), show_default=True, help="--model/--train image size H W.")
+@click.option("--input-size", "input_size", type=(click.IntRange(16), click.IntRange(16)), default=(800, 1066),
+              show_default=True, metavar="H W", help="--model/--train: the padded input batch, H W pixels.")
 @click.option("--no-hf", is_flag=True, help="--model: skip Hugging Face transformers even when installed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the figures as JSON to PATH ('-' for stdout).")
 @pass_app
 def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, no_torch, model_bench, train_bench,
-            imgsz, no_hf, json_path) -> None:
+            input_size, no_hf, json_path) -> None:
     """Time the native deformable-attention kernel against the PyTorch path.
 
     Reports medians over --repeats runs after --warmup runs, the speed-up and the
@@ -95,7 +98,10 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     """
     import torch
 
-    dev = resolve_device(device)
+    from ..engine.parts.device import resolve_device
+
+    with user_errors():
+        dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
@@ -115,13 +121,13 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
         if model_bench:
             from ..bench.model import bench_model
 
-            rows = bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=imgsz[0], width=imgsz[1],
+            rows = bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=input_size[0], width=input_size[1],
                                warmup=warmup, repeats=repeats, include_hf=not no_hf, progress=progress)
             report["model"] = rows
         if train_bench:
             from ..bench.train import bench_train
 
-            report["train"] = bench_train(dev, batch=(batches or (2,))[0], height=imgsz[0], width=imgsz[1],
+            report["train"] = bench_train(dev, batch=(batches or (2,))[0], height=input_size[0], width=input_size[1],
                                           iters=repeats, warmup=warmup, amp=None if dtype == "float32" else dtype,
                                           progress=lambda done, total: progress(f"training step {done}/{total}"))
         if not model_bench and not train_bench:
@@ -140,7 +146,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
                                     backends=("native",) if no_torch else ("native", "torch"),
                                     warmup=warmup, repeats=repeats, progress=progress)
     except torch.cuda.OutOfMemoryError as exc:
-        raise click.ClickException(f"out of GPU memory ({str(exc).splitlines()[0]}); try --batch 1 or a smaller --imgsz") from None
+        raise click.ClickException(f"out of GPU memory ({str(exc).splitlines()[0]}); try --batch-size 1 or a smaller --input-size") from None
     finally:
         if status is not None:
             status.stop()
@@ -151,7 +157,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     if "op" in report:
         app.out.print(_op_table(report["op"], env))
     if "model" in report:
-        app.out.print(_rows_table(f"Deformable DETR R50 inference on {env['device']} · {dtype} · {imgsz[0]}x{imgsz[1]}", report["model"]))
+        app.out.print(_rows_table(f"Deformable DETR R50 inference on {env['device']} · {dtype} · {input_size[0]}x{input_size[1]}", report["model"]))
     if "train" in report:
         rows = report["train"] if isinstance(report["train"], list) else [report["train"]]
         app.out.print(_rows_table(f"Training step R50 on {env['device']}", rows))
