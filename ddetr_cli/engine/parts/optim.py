@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 
