@@ -160,6 +160,7 @@ def test_load_train_checkpoint_rejects_model_only(tmp_path):
 # ------------------------------------------------------------ exact resume
 
 
+@pytest.mark.slow
 def test_exact_resume_epoch_boundary_and_mid_epoch(tiny_yaml, tmp_path, one_thread):
     # reference: 2 epochs straight
     full = make_trainer(tiny_cfg(tiny_yaml), tmp_path / "full")
@@ -218,6 +219,7 @@ def _cli(args, env=None):
     return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_cli_train_end_to_end_and_resume(tiny_yaml, tmp_path):
     out = tmp_path / "run"
     args = ["train", str(tiny_yaml), "--model", "tiny", "--imgsz", "64", "--epochs", "1", "--batch-size", "4",
@@ -263,6 +265,7 @@ def test_cli_train_shapes_recipe_few_iterations(tiny_yaml, tmp_path):
     assert "stopped at the max iters" in r.stderr
 
 
+@pytest.mark.slow
 def test_python_api_trains_and_evaluates_like_the_cli(tiny_yaml, tmp_path):
     """A script does what `ddetr train` / `ddetr eval` do, through the same engine functions."""
     from ddetr_cli.engine import RunError, run_evaluation, run_training
