@@ -95,25 +95,25 @@ verify() {
 bench() {
   # The general forward path (every lane computes its own taps), for comparison.
   step op_float32_general 120 env DDETR_CUDA_FORWARD=general "$PY" -m ddetr_cli bench --device cuda --case encoder-1333 \
-    --case decoder --batch 1 --batch 2 --warmup 3 --repeats 20 --json "$LOGS/op_float32_general.json"
+    --case decoder --batch-size 1 --batch-size 2 --warmup 3 --repeats 20 --json "$LOGS/op_float32_general.json"
   for dtype in float32 bfloat16 float16; do
-    step "op_$dtype" 120 ddetr bench --device cuda --dtype "$dtype" --case encoder-1333 --case decoder --batch 1 --batch 2 \
+    step "op_$dtype" 120 ddetr bench --device cuda --dtype "$dtype" --case encoder-1333 --case decoder --batch-size 1 --batch-size 2 \
       --warmup 3 --repeats 20 --json "$LOGS/op_$dtype.json"
   done
   for batch in 1 8; do
     for dtype in float32 bfloat16; do
-      step "model_b${batch}_$dtype" 150 ddetr bench --model --device cuda --imgsz 800 1333 --batch "$batch" --dtype "$dtype" \
+      step "model_b${batch}_$dtype" 150 ddetr bench --model --device cuda --input-size 800 1333 --batch-size "$batch" --dtype "$dtype" \
         --warmup 2 --repeats 5 --json "$LOGS/model_b${batch}_$dtype.json"
     done
   done
-  step train_bf16 200 ddetr bench --train --device cuda --dtype bfloat16 --imgsz 800 1066 --batch 2 --warmup 2 --repeats 6 \
+  step train_bf16 200 ddetr bench --train --device cuda --dtype bfloat16 --input-size 800 1066 --batch-size 2 --warmup 2 --repeats 6 \
     --json "$LOGS/train_bf16.json"
   for threads in 1 4 16; do
     step "cpu_model_t$threads" 150 ddetr bench --model --device cpu --threads "$threads" --no-hf --no-torch \
-      --imgsz 800 1066 --warmup 1 --repeats 2 --json "$LOGS/cpu_model_t$threads.json"
+      --input-size 800 1066 --warmup 1 --repeats 2 --json "$LOGS/cpu_model_t$threads.json"
   done
   for threads in 1 2 4 8 16; do
-    step "cpu_t$threads" 120 ddetr bench --device cpu --threads "$threads" --case encoder --batch 1 --no-torch \
+    step "cpu_t$threads" 120 ddetr bench --device cpu --threads "$threads" --case encoder --batch-size 1 --no-torch \
       --warmup 1 --repeats 3 --json "$LOGS/cpu_t$threads.json"
   done
 }

@@ -5,7 +5,6 @@ num_boxes all-reduce makes the loss normalisation global)."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -38,8 +37,8 @@ def _batch(n: int = 4):
 
 def _train(model, images, mask, targets):
     from ddetr_cli.engine.config import TrainConfig
-    from ddetr_cli.engine.optim import build_optimizer
-    from ddetr_cli.engine.train import build_criterion, train_step
+    from ddetr_cli.engine.parts.optim import build_optimizer
+    from ddetr_cli.engine.loops.step import build_criterion, train_step
 
     cfg = TrainConfig(lr=1e-3)
     raw = model.module if hasattr(model, "module") else model
@@ -89,13 +88,27 @@ def test_two_process_step_equals_single_process(tmp_path):
     assert moved > 10  # the step really changed weights
 
 
-def test_distributed_helpers_single_process():
-    from ddetr_cli.engine import distributed as d
+def test_distributed_helpers_single_process(monkeypatch):
+    from ddetr_cli.engine.parts import distributed as d
 
     assert d.all_gather_object({"a": 1}) == [{"a": 1}]
     t = torch.tensor([2.0])
     assert d.all_reduce_mean(t).item() == 2.0
-    assert d.env_dist_info().world_size in (1, int(os.environ.get("WORLD_SIZE", 1)))
+    # the launch is read from the environment: nothing, torchrun, SLURM
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    assert d.env_dist_info() == d.DistInfo(0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert d.env_dist_info() == d.DistInfo(0, 1, 0)  # SLURM without MASTER_ADDR: not a DDP launch
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    assert d.env_dist_info() == d.DistInfo(5, 8, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    info = d.env_dist_info()  # torchrun's variables win
+    assert info == d.DistInfo(3, 4, 2) and info.distributed and not info.is_main
 
 
 @pytest.mark.slow
@@ -104,16 +117,13 @@ def test_torchrun_cli_two_processes(tmp_path):
     the evaluation, and only rank 0 writes the run folder."""
     from ddetr_cli.data import ensure_shapes_dataset
 
-    exe = shutil.which("ddetr")
-    if exe is None:
-        pytest.skip("ddetr console script not on PATH")
     data = ensure_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=4, size=64)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  min_scale: 48\n  scale_step: 16\n  max_size: 80\n  eval_size: 64\n  eval_max_size: 80\n  crop: false\n")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           exe, "train", str(data), "--model", "tiny", "--imgsz", "64", "--epochs", "1", "--batch-size", "2",
+           "-m", "ddetr_cli", "train", str(data), "--model", "tiny", "--imgsz", "64", "--epochs", "1", "--batch-size", "2",
            "--workers", "0", "--device", "cpu", "--out", str(out), "--config", str(cfg)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,8 +12,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ddetr_cli.engine.evaluate import coco_evaluate, evaluate, to_coco_results
-from ddetr_cli.engine.labelmap import ClassMismatchError, resolve_label_map
+from ddetr_cli.engine.loops.evaluate import coco_evaluate, evaluate, to_coco_results
+from ddetr_cli.engine.parts.labelmap import resolve_label_map
+from ddetr_cli.errors import ClassMismatchError
 
 CAT_IDS = [3, 7, 11]  # deliberately non-contiguous
 
@@ -128,7 +129,7 @@ class _OracleModel(torch.nn.Module):
 
 
 def _loader(d):
-    from ddetr_cli.engine.evaluate import ShardSampler
+    from ddetr_cli.engine.parts.sampler import ShardSampler
 
     def collate(batch):
         ims, tgts = zip(*batch)

@@ -87,7 +87,7 @@ def test_borders_and_integer_pixels(device):
 @pytest.mark.parametrize("shapes", [[(3, 4), (2, 2), (1, 1)], [(5, 1)]])
 def test_gradcheck(device, shapes):
     value, spatial, start, loc, attn = make_case(shapes, N=2, Lq=3, M=2, D=3, P=2, device=device, seed=3)
-    # Keep points away from pixel boundaries where bilinear sampling is not differentiable.
+    # Random float64 locations (almost surely) miss the pixel boundaries where bilinear sampling is not differentiable.
     loc = loc.requires_grad_()
     value.requires_grad_()
     attn.requires_grad_()

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddetr_cli.engine.predict import Detection, expand_sources, fresh_run_dir, iter_sources, summarize
+from ddetr_cli.data.sources import expand_sources, iter_sources
+from ddetr_cli.engine.loops.predict import Detection, summarize
+from ddetr_cli.engine.runs.folders import allocate_run_dir, split_out
 from ddetr_cli.viz import PALETTE, draw_detections, plot_metrics
 
 NAMES = ["circle", "square", "triangle"]
@@ -51,24 +53,24 @@ def test_expand_and_iter_sources(tmp_path):
     assert names[3:5] == [("b.png", False), ("bad.png", False)]
     assert names[5:] == [(video.name, False), ("nope.jpg", True), ("*.none", True)]
 
-    items = list(iter_sources([str(d), str(video)]))
+    items = list(iter_sources(expand_sources([str(d), str(video)])))
     assert [i.path.name for i in items] == ["a.jpg", "b.png", "bad.png", video.name, video.name, video.name]
     assert items[2].error and "bad.png" in items[2].error and items[2].image is None
     assert [i.frame for i in items[3:]] == [0, 1, 2] and items[3].image.shape == (48, 64, 3)
     assert items[0].image.shape == (48, 64, 3) and items[0].frame is None
 
 
-def test_fresh_run_dir(tmp_path):
+def test_predict_run_folders(tmp_path):
     project = tmp_path / "runs" / "predict"
-    a = fresh_run_dir(None, project)
+    a = allocate_run_dir(project, "exp")
     (a / "x").write_text("1")
-    b = fresh_run_dir(None, project)
-    assert (a.name, b.name) == ("1", "2")
+    b = allocate_run_dir(project, "exp")
+    assert (a.name, b.name) == ("exp", "exp2")  # the same naming as train
     out = tmp_path / "mine"
-    assert fresh_run_dir(out) == out
-    assert fresh_run_dir(out) == out  # still empty: reused
+    assert allocate_run_dir(*split_out(out)) == out
+    assert allocate_run_dir(*split_out(out)) == out  # still empty: reused
     (out / "predictions.json").write_text("[]")
-    assert fresh_run_dir(out) == tmp_path / "mine-2"
+    assert allocate_run_dir(*split_out(out)) == tmp_path / "mine2"
 
 
 def test_draw_detections_and_summary():
@@ -102,7 +104,6 @@ def test_plot_metrics(tmp_path):
 # ------------------------------------------------------------------ with a tiny model
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    pytest.importorskip("ddetr_cli.checkpoints.native")
     import torch
 
     from ddetr_cli.checkpoints.native import save_model
@@ -139,7 +140,7 @@ def test_predict_image_dir_glob_with_conf(tmp_path, weights):
     res = _run(["predict", str(d / "1.png"), "-w", str(weights), *FAST, "--conf", "0", "--top-k", "5"], tmp_path)
     assert res.exit_code == 0, res.output
     assert "1.png: 5 detections (" in res.output and "Speed:" in res.output and " ms" in res.output
-    run1 = tmp_path / "runs" / "predict" / "1"
+    run1 = tmp_path / "runs" / "predict" / "exp"
     preds = json.loads((run1 / "predictions.json").read_text())
     assert len(preds) == 1
     p = preds[0]
@@ -157,7 +158,7 @@ def test_predict_image_dir_glob_with_conf(tmp_path, weights):
     res = _run(["predict", str(d), str(d / "*.jpg"), "-w", str(weights), *FAST, "--conf", "0.99", "--coco-json"],
                tmp_path)  # fmt: skip
     assert res.exit_code == 0, res.output
-    run2 = tmp_path / "runs" / "predict" / "2"
+    run2 = tmp_path / "runs" / "predict" / "exp2"
     preds = json.loads((run2 / "predictions.json").read_text())
     assert [Path(x["file"]).name for x in preds] == ["1.png", "2.jpg", "2.jpg"]
     assert all(x["detections"] == [] for x in preds)
@@ -189,9 +190,9 @@ def test_predict_video_viz_json_and_coco(tmp_path, weights):
     assert len(coco) == 4 * 3
     assert {c["image_id"] for c in coco} >= {139} and all(c["category_id"] in (1, 2, 3) for c in coco)
     assert all(len(c["bbox"]) == 4 and c["bbox"][2] >= 0 for c in coco)
-    # --out DIR is not empty any more: the next run picks out-2
+    # --out DIR is not empty any more: the next run picks out2
     res = CliRunner().invoke(cli, [*args[:-4], "--out", str(out)], catch_exceptions=False)
-    assert res.exit_code == 0 and (tmp_path / "out-2" / "predictions.json").is_file()
+    assert res.exit_code == 0 and (tmp_path / "out2" / "predictions.json").is_file()
 
 
 def test_predict_unreadable_input_continues_and_fails(tmp_path, weights):
@@ -204,7 +205,7 @@ def test_predict_unreadable_input_continues_and_fails(tmp_path, weights):
     assert "missing.png: no such file" in res.output
     assert "good.png: " in res.output
     assert "2 of 3 input(s) could not be read" in res.output
-    preds = json.loads((tmp_path / "runs" / "predict" / "1" / "predictions.json").read_text())
+    preds = json.loads((tmp_path / "runs" / "predict" / "exp" / "predictions.json").read_text())
     assert [Path(p["file"]).name for p in preds] == ["good.png"]
     assert "Traceback" not in res.output
 
@@ -218,7 +219,7 @@ def test_predict_missing_weights_and_bad_checkpoint(tmp_path):
     assert "nope.pt" in res.output and "fundamentalvision/Deformable-DETR" in res.output
     assert "SenseTime/deformable-detr" in res.output and "never downloads" in res.output
     res = CliRunner().invoke(cli, ["predict", str(img), "--device", "cpu"])
-    assert res.exit_code != 0 and "no --weights given" in res.output
+    assert res.exit_code != 0 and "'--weights'" in res.output and "no weights given" in res.output
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     res = CliRunner().invoke(cli, ["predict", str(img), "-w", str(junk), "--device", "cpu"])
@@ -243,12 +244,6 @@ class _StubModel:
     class_names = ["circle", "square", "triangle"]
     category_ids = [3, 7, 11]
 
-    def to(self, device):
-        return self
-
-    def eval(self):
-        return self
-
     def __call__(self, images, padding_mask):
         import torch
 
@@ -261,9 +256,10 @@ class _StubModel:
 
 
 def test_predictor_maps_classes_and_boxes_to_original_pixels():
-    from ddetr_cli.engine.predict import Predictor
+    from ddetr_cli.engine.loops.predict import Predictor
+    from ddetr_cli.engine.loops.runner import TorchRunner
 
-    p = Predictor(_StubModel(), "cpu", imgsz=32, max_size=64, conf=0.2, top_k=10, batch_size=2)
+    p = Predictor(TorchRunner(_StubModel(), "cpu"), imgsz=32, max_size=64, conf=0.2, top_k=10, batch_size=2)
     small, large = np.zeros((48, 64, 3), np.uint8), np.zeros((100, 50, 3), np.uint8)
     out = p.predict_batch([small, large])
     assert [len(d) for d in out] == [2, 2]
@@ -274,7 +270,7 @@ def test_predictor_maps_classes_and_boxes_to_original_pixels():
     assert out[1][0].box == pytest.approx((12.5, 25, 37.5, 75))
     assert out[0][1].label == "circle" and out[0][1].category_id == 3
     assert p.timing.images == 2 and set(p.timing.per_image_ms()) == {"preprocess", "inference", "postprocess"}
-    assert Predictor(_StubModel(), "cpu", conf=0.96).predict_batch([small])[0] == []
+    assert Predictor(TorchRunner(_StubModel()), conf=0.96).predict_batch([small])[0] == []
 
 
 def test_predict_defaults_to_the_size_the_model_was_trained_at(tmp_path):

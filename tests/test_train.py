@@ -13,9 +13,11 @@ import yaml
 from click.testing import CliRunner
 
 from ddetr_cli.checkpoints.io import safe_torch_load
-from ddetr_cli.engine.checkpointing import load_train_checkpoint, next_run_dir, save_checkpoint
-from ddetr_cli.engine.config import TrainConfig, TrainConfigError, resolve
-from ddetr_cli.engine.schedule import StepWarmupSchedule
+from ddetr_cli.engine.runs.checkpoint import load_train_checkpoint, save_checkpoint
+from ddetr_cli.engine.runs.folders import allocate_run_dir
+from ddetr_cli.engine.config import TrainConfig, resolve
+from ddetr_cli.errors import TrainConfigError
+from ddetr_cli.engine.parts.schedule import StepWarmupSchedule
 
 # ----------------------------------------------------------------- fixtures
 
@@ -39,19 +41,10 @@ def tiny_cfg(yaml_path: Path, **kw) -> TrainConfig:
 
 
 def make_trainer(cfg: TrainConfig, run_dir: Path, resume: dict | None = None):
-    from ddetr_cli.checkpoints.native import model_payload
-    from ddetr_cli.data import collate, load_dataset_config
-    from ddetr_cli.engine.setup import build_datasets, build_model_config
-    from ddetr_cli.engine.train import Trainer
-    from ddetr_cli.models import build_model
+    from ddetr_cli.engine.run_train import build_trainer
 
-    dc = load_dataset_config(cfg.data)
-    ds = build_datasets(cfg, dc)
     torch.manual_seed(0)
-    model = build_model(build_model_config(cfg, len(ds.category_ids)))
-    model.class_names, model.category_ids = ds.class_names, ds.category_ids
-    return Trainer(cfg, model, ds.train, ds.val, ds.val.coco, ds.category_ids, run_dir, torch.device("cpu"),
-                   payload_fn=model_payload, collate_fn=collate, resume=resume)
+    return build_trainer(cfg, run_dir, torch.device("cpu"), ckpt=resume)
 
 
 @pytest.fixture
@@ -91,7 +84,7 @@ def test_config_errors_name_the_key(tmp_path):
         resolve(dataset_source=None, dataset_train={"epochs": "many"}, dataset_model=None, config_path=None, cli={})
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1,\n")
-    with pytest.raises(TrainConfigError, match=r"bad.yaml: malformed YAML at line \d+, column \d+"):
+    with pytest.raises(TrainConfigError, match=r"bad.yaml: line \d+, column \d+: malformed YAML"):
         resolve(dataset_source=None, dataset_train=None, dataset_model=None, config_path=bad, cli={})
 
 
@@ -105,7 +98,7 @@ def test_schedule_warmup_and_drop():
 
 
 def test_param_groups_follow_official_lrs():
-    from ddetr_cli.engine.optim import build_optimizer
+    from ddetr_cli.engine.parts.optim import build_optimizer
     from ddetr_cli.models import build_model, preset
 
     model = build_model(preset("tiny", num_classes=3))
@@ -121,10 +114,15 @@ def test_param_groups_follow_official_lrs():
     assert opt.defaults["weight_decay"] == 1e-4
 
 
-def test_next_run_dir_never_overwrites(tmp_path):
-    assert next_run_dir(tmp_path, "exp").name == "exp"
-    assert next_run_dir(tmp_path, "exp").name == "exp2"
-    assert next_run_dir(tmp_path, "exp").name == "exp3"
+def test_run_dirs_never_overwrite(tmp_path):
+    for expected in ("exp", "exp2", "exp3"):
+        run = allocate_run_dir(tmp_path, "exp")
+        assert run.name == expected
+        (run / "config.yaml").write_text("x")  # a run writes into its folder at once
+    (tmp_path / "run1").mkdir()  # an empty folder is used as is
+    assert allocate_run_dir(tmp_path, "run1").name == "run1"
+    (tmp_path / "run1" / "x").write_text("1")
+    assert allocate_run_dir(tmp_path, "run1").name == "run1-2"  # never 'run12'
 
 
 # -------------------------------------------------------------- checkpoints
@@ -162,6 +160,7 @@ def test_load_train_checkpoint_rejects_model_only(tmp_path):
 # ------------------------------------------------------------ exact resume
 
 
+@pytest.mark.slow
 def test_exact_resume_epoch_boundary_and_mid_epoch(tiny_yaml, tmp_path, one_thread):
     # reference: 2 epochs straight
     full = make_trainer(tiny_cfg(tiny_yaml), tmp_path / "full")
@@ -200,7 +199,7 @@ def test_exact_resume_epoch_boundary_and_mid_epoch(tiny_yaml, tmp_path, one_thre
 
 
 def test_non_finite_loss_stops_with_clear_error(tiny_yaml, tmp_path):
-    from ddetr_cli.engine.train import TrainingError
+    from ddetr_cli.errors import TrainingError
 
     t = make_trainer(tiny_cfg(tiny_yaml, epochs=1, ema=False), tmp_path / "nan")
     with torch.no_grad():
@@ -220,6 +219,7 @@ def _cli(args, env=None):
     return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_cli_train_end_to_end_and_resume(tiny_yaml, tmp_path):
     out = tmp_path / "run"
     args = ["train", str(tiny_yaml), "--model", "tiny", "--imgsz", "64", "--epochs", "1", "--batch-size", "4",
@@ -238,11 +238,18 @@ def test_cli_train_end_to_end_and_resume(tiny_yaml, tmp_path):
     assert r.exit_code == 0, r.output
     assert load_train_checkpoint(out / "weights" / "last.pt")["epoch"] == 2
     # eval of the trained weights (category ids recorded, sizes from the train config)
-    r = _cli(["eval", str(tiny_yaml), "--weights", str(out / "weights" / "best.pt"), "--workers", "0",
-              "--json", str(tmp_path / "dets.json")])
+    r = _cli(["eval", str(tiny_yaml), "-w", str(out / "weights" / "best.pt"), "--workers", "0",
+              "--coco-json", str(tmp_path / "dets.json")])
     assert r.exit_code == 0, r.output
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in r.stdout
-    assert isinstance(json.loads((tmp_path / "dets.json").read_text()), list)
+    dets = json.loads((tmp_path / "dets.json").read_text())
+    assert isinstance(dets, list) and all(len(d["bbox"]) == 4 for d in dets)
+    # --json: the metrics as JSON on stdout, the same numbers
+    r2 = _cli(["eval", str(tiny_yaml), "-w", str(out / "weights" / "best.pt"), "--workers", "0", "--json"])
+    assert r2.exit_code == 0, r2.output
+    metrics = json.loads(r2.stdout)
+    assert set(metrics) >= {"AP", "AP50", "ARl", "per_class"} and metrics["split"] == "val"
+    assert "Average Precision" in r2.stderr
 
 
 def test_cli_train_shapes_recipe_few_iterations(tiny_yaml, tmp_path):
@@ -258,6 +265,7 @@ def test_cli_train_shapes_recipe_few_iterations(tiny_yaml, tmp_path):
     assert "stopped at the max iters" in r.stderr
 
 
+@pytest.mark.slow
 def test_python_api_trains_and_evaluates_like_the_cli(tiny_yaml, tmp_path):
     """A script does what `ddetr train` / `ddetr eval` do, through the same engine functions."""
     from ddetr_cli.engine import RunError, run_evaluation, run_training
@@ -276,7 +284,7 @@ def test_python_api_trains_and_evaluates_like_the_cli(tiny_yaml, tmp_path):
     # the same checks as the CLI, as exceptions, before any training
     with pytest.raises(RunError, match="already holds a run"):
         run_training(str(tiny_yaml), config_path=_small_cfg(tmp_path), overrides=opts)
-    with pytest.raises(RunError, match="drop DATA and --config") as err:
+    with pytest.raises(RunError, match="drop `data` and `config_path`") as err:
         run_training(str(tiny_yaml), resume=out)
     assert err.value.usage
     ev = run_evaluation(str(tiny_yaml), out / "weights" / "last.pt", workers=0, device="cpu")
@@ -341,7 +349,7 @@ def _tiny(num_classes: int, seed: int):
 
 
 def test_transfer_weights_maps_class_rows_by_category_id():
-    from ddetr_cli.engine.setup import transfer_weights
+    from ddetr_cli.engine.runs.assemble import transfer_weights
 
     src, dst = _tiny(3, 0), _tiny(2, 1)
     notes = transfer_weights(dst, src.state_dict(), [1, 2, 3], 3, [1, 3])
@@ -355,7 +363,7 @@ def test_transfer_weights_maps_class_rows_by_category_id():
 
 
 def test_transfer_weights_reinitialises_unmappable_class_head_and_says_so():
-    from ddetr_cli.engine.setup import transfer_weights
+    from ddetr_cli.engine.runs.assemble import transfer_weights
 
     src, dst = _tiny(3, 0), _tiny(2, 1)
     fresh = {k: v.clone() for k, v in dst.state_dict().items()}
@@ -382,8 +390,8 @@ def test_cli_eval_class_mismatch_is_one_line_error(tiny_yaml, tmp_path):
 def test_ctrl_c_saves_between_steps_and_resumes(tiny_yaml, tmp_path, one_thread):
     import signal
 
-    from ddetr_cli.engine.progress import Reporter
-    from ddetr_cli.engine.train import TrainingInterrupted
+    from ddetr_cli.engine.report.progress import Reporter
+    from ddetr_cli.engine.loops.train import TrainingInterrupted
 
     class CtrlCAfterFirstStep(Reporter):
         def step(self, values):

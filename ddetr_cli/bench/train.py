@@ -39,10 +39,10 @@ def bench_train(
     AdamW step) after ``warmup`` untimed ones. ``amp``: None/'off', 'bf16',
     'fp16', 'auto'. ``progress(done, total)`` is called after every step.
     Returns images/s, seconds per iteration and peak CUDA memory."""
-    from ..engine.amp import amp_dtype, needs_grad_scaler
+    from ..engine.parts.amp import amp_dtype, needs_grad_scaler
     from ..engine.config import TrainConfig
-    from ..engine.optim import build_optimizer
-    from ..engine.train import build_criterion, train_step
+    from ..engine.parts.optim import build_optimizer
+    from ..engine.loops.step import build_criterion, train_step
     from ..models import build_model, preset
 
     device = torch.device(device)
@@ -109,7 +109,7 @@ def bench_train_hf(
     own loss, AdamW at lr 2e-4, grad clip 0.1). Returns the row of
     :func:`bench_train`, with ``error`` set instead when transformers is
     missing or its training step raises."""
-    from ..engine.amp import amp_dtype, needs_grad_scaler
+    from ..engine.parts.amp import amp_dtype, needs_grad_scaler
     from .model import _hf_model
 
     device = torch.device(device)

@@ -1,6 +1,6 @@
-"""The small object every command receives: consoles, verbosity and helpers
-for choosing a device. Results go to stdout (``app.out``); progress, tables
-meant for people and warnings go to stderr (``app.err``)."""
+"""The small object every command receives: consoles and verbosity. Results
+go to stdout (``app.out``); progress, tables meant for people and warnings go
+to stderr (``app.err``)."""
 
 from __future__ import annotations
 
@@ -34,17 +34,6 @@ class App:
     @property
     def interactive(self) -> bool:
         return self.err.is_terminal and not self.quiet
-
-
-def resolve_device(name: str, option: str = "--device"):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, or a one-line usage error."""
-    from ..engine.device import DeviceError
-    from ..engine.device import resolve_device as resolve
-
-    try:
-        return resolve(name, option)
-    except DeviceError as exc:
-        raise click.BadParameter(str(exc), param_hint=exc.option) from None
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)

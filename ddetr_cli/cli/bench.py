@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from .app import App, pass_app, resolve_device
+from .app import App, pass_app
+from .errors import user_errors
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -82,20 +83,22 @@ def _rows_table(title: str, rows: list[dict]):
               help="Op: tensor dtype. --model/--train: float32, or bfloat16/float16 autocast.")
 @click.option("--case", "cases", multiple=True, type=click.Choice(["encoder", "encoder-1333", "decoder"]),
               help="Op shapes to time (repeatable; default all).")
-@click.option("--batch", "batches", multiple=True, type=click.IntRange(1), help="Batch sizes (repeatable; default 1 and 2).")
+@click.option("--batch-size", "batches", multiple=True, type=click.IntRange(1),
+              help="Batch sizes (repeatable; default: op 1 and 2, --model 1, --train 2).")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: PyTorch's).")
 @click.option("--no-torch", is_flag=True, help="Op and --model: skip the slow grid_sample reference.")
 @click.option("--model", "model_bench", is_flag=True, help="End-to-end R50 Deformable DETR inference (ours native/torch op, HF if installed).")
 @click.option("--train", "train_bench", is_flag=True, help="Training throughput (images/s) of R50 at the official recipe.")
-@click.option("--imgsz", type=(int, int), default=(800, 1066), show_default=True, help="--model/--train image size H W.")
+@click.option("--input-size", "input_size", type=(click.IntRange(16), click.IntRange(16)), default=(800, 1066),
+              show_default=True, metavar="H W", help="--model/--train: the padded input batch, H W pixels.")
 @click.option("--no-hf", is_flag=True, help="--model/--train: skip Hugging Face transformers even when installed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the figures as JSON to PATH ('-' for stdout).")
 @pass_app
 def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, no_torch, model_bench, train_bench,
-            imgsz, no_hf, json_path) -> None:
+            input_size, no_hf, json_path) -> None:
     """Time the native deformable-attention kernel against the PyTorch path.
 
     Reports medians over --repeats runs after --warmup runs, the speed-up and the
@@ -104,7 +107,10 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     """
     import torch
 
-    dev = resolve_device(device)
+    from ..engine.parts.device import resolve_device
+
+    with user_errors():
+        dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
@@ -124,7 +130,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
         if model_bench:
             from ..bench.model import bench_model
 
-            rows = bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=imgsz[0], width=imgsz[1],
+            rows = bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=input_size[0], width=input_size[1],
                                warmup=warmup, repeats=repeats, include_hf=not no_hf, include_torch_op=not no_torch,
                                progress=progress)
             report["model"] = rows
@@ -133,7 +139,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
 
             from ..bench.train import bench_train_hf
 
-            train_args = dict(batch=(batches or (2,))[0], height=imgsz[0], width=imgsz[1], iters=repeats,
+            train_args = dict(batch=(batches or (2,))[0], height=input_size[0], width=input_size[1], iters=repeats,
                               warmup=warmup, amp={"bfloat16": "bf16", "float16": "fp16"}.get(dtype))
             rows = [bench_train(dev, **train_args, progress=lambda done, total: progress(f"training step {done}/{total}"))]
             if not no_hf:
@@ -159,7 +165,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
                                     backends=("native",) if no_torch else ("native", "torch"),
                                     warmup=warmup, repeats=repeats, progress=progress)
     except torch.cuda.OutOfMemoryError as exc:
-        raise click.ClickException(f"out of GPU memory ({str(exc).splitlines()[0]}); try --batch 1 or a smaller --imgsz") from None
+        raise click.ClickException(f"out of GPU memory ({str(exc).splitlines()[0]}); try --batch-size 1 or a smaller --input-size") from None
     finally:
         if status is not None:
             status.stop()
@@ -170,7 +176,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     if "op" in report:
         app.out.print(_op_table(report["op"], env))
     if "model" in report:
-        app.out.print(_rows_table(f"Deformable DETR R50 inference on {env['device']} · {dtype} · {imgsz[0]}x{imgsz[1]}", report["model"]))
+        app.out.print(_rows_table(f"Deformable DETR R50 inference on {env['device']} · {dtype} · {input_size[0]}x{input_size[1]}", report["model"]))
     if "train" in report:
         rows = report["train"] if isinstance(report["train"], list) else [report["train"]]
         app.out.print(_rows_table(f"Training step R50 on {env['device']}", rows))

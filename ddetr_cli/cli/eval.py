@@ -2,54 +2,56 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
+from . import options
 from .app import App, pass_app
+from .errors import user_errors
 
 
 @click.command("eval")
 @click.argument("data")
-@click.option("--weights", required=True, type=click.Path(), help="Checkpoint: own, official Deformable DETR or Hugging Face.")
+@options.weights("Checkpoint: own, official Deformable DETR or Hugging Face.", required=True)
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the detections as COCO results JSON.")
-@click.option("--batch-size", "batch_size", type=int, default=2, show_default=True)
-@click.option("--imgsz", type=int, default=None, help="Shorter-side size (default: the training eval size, else 800).")
-@click.option("--max-size", "max_size", type=int, default=None, help="Longer-side cap (default: training value, else 1333).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), default="off", show_default=True)
+@click.option("--coco-json", "coco_json", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Also write the detections to PATH (COCO results format).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout (tables go to stderr).")
+@options.batch_size(2)
+@options.imgsz()
+@options.max_size()
+@options.device()
+@options.workers(2)
+@options.amp()
 @pass_app
-def command(app: App, data: str, weights: str, split: str, json_out: str | None, batch_size: int, imgsz: int | None,
-            max_size: int | None, device: str, workers: int, amp: str) -> None:
+def command(app: App, data: str, weights: str, split: str, coco_json: str | None, as_json: bool, batch_size: int,
+            imgsz: int | None, max_size: int | None, device: str, workers: int, amp: str) -> None:
     """Evaluate WEIGHTS on a split of DATA (a dataset YAML or `shapes`).
 
     Prints the 12 COCO numbers verbatim, a summary table and per-class AP.
+
+    \b
+    ddetr eval coco.yaml -w best.pt
+    ddetr eval shapes -w runs/train/shapes/weights/best.pt --coco-json dets.json
     """
     from rich.table import Table
 
-    from ..checkpoints.io import CheckpointError
-    from ..data import ConfigError, DatasetError, ImageReadError
-    from ..engine.device import DeviceError
-    from ..engine.labelmap import ClassMismatchError
-    from ..engine.progress import RichReporter, stats_table
+    from ..engine.report.metrics import STAT_NAMES
+    from ..engine.report.progress import RichReporter, stats_table
     from ..engine.run_eval import run_evaluation
 
-    if batch_size < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--batch-size")
-    try:
+    with user_errors():
         ev = run_evaluation(
             data, weights, split=split, batch_size=batch_size, imgsz=imgsz, max_size=max_size, device=device,
-            workers=workers, amp=amp, json_out=json_out,
+            workers=workers, amp=amp, coco_json=coco_json,
             reporter=RichReporter(app.err, interactive=app.interactive, quiet=app.quiet), log=app.info,
-        )
-    except DeviceError as exc:
-        raise click.BadParameter(str(exc), param_hint=exc.option) from None
-    except (ConfigError, DatasetError, ImageReadError, CheckpointError, ClassMismatchError) as exc:
-        raise click.ClickException(str(exc)) from None
+        )  # fmt: skip
     if ev is None:  # not rank 0
         return
     result = ev.result
-    app.out.print(result.summary, markup=False, highlight=False)
+    tables = app.err if as_json else app.out
+    tables.print(result.summary, markup=False, highlight=False)
     app.err.print(stats_table(result, title=f"COCO bbox — {split}"))
     table = Table(title="per-class AP@[.50:.95]", header_style="bold")
     table.add_column("id", justify="right")
@@ -57,6 +59,9 @@ def command(app: App, data: str, weights: str, split: str, json_out: str | None,
     table.add_column("AP", justify="right")
     for cat, ap in result.per_class.items():
         table.add_row(str(cat), ev.class_names.get(cat, str(cat)), "n/a (no ground truth)" if ap < 0 else f"{ap:.3f}")
-    app.out.print(table)
+    tables.print(table)
+    if as_json:
+        per_class = {ev.class_names.get(c, str(c)): (None if ap < 0 else ap) for c, ap in result.per_class.items()}
+        click.echo(json.dumps({"split": split, **dict(zip(STAT_NAMES, result.stats)), "per_class": per_class}, indent=1))
     if ev.json_path is not None:
         app.info(f"wrote {len(result.detections)} detections to {ev.json_path}")

@@ -1,4 +1,9 @@
-"""``ddetr predict``: detections for images, folders, globs and videos."""
+"""`ddetr predict`: detections for images, folders, globs and videos.
+
+Parses the options, calls :func:`ddetr_cli.engine.run_prediction` and presents
+what it reports: one line per image or frame, a speed summary and where the
+results went.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,9 @@ from pathlib import Path
 
 import click
 
-from .app import App, pass_app, resolve_device
-
-WEIGHTS_HELP = (
-    "ddetr never downloads weights at run time. Train your own with 'ddetr train', or download a "
-    "checkpoint yourself: official Deformable DETR weights are on the GitHub releases of "
-    "fundamentalvision/Deformable-DETR (e.g. r50_deformable_detr-checkpoint.pth), Hugging Face "
-    "weights are SenseTime/deformable-detr on the Hugging Face hub; then pass the file or folder "
-    "with --weights."
-)
+from . import options
+from .app import App, pass_app
+from .errors import user_errors
 
 
 def _info(app: App, message: str) -> None:
@@ -23,136 +22,106 @@ def _info(app: App, message: str) -> None:
         app.err.print(message, highlight=False, soft_wrap=True)
 
 
-def _missing_weights(weights: str | None) -> click.ClickException:
-    if weights is None:
-        return click.ClickException(f"no --weights given. {WEIGHTS_HELP}")
-    return click.ClickException(f"weights {weights!r} not found. {WEIGHTS_HELP}")
+class _Lines:
+    """The predict reporter: one line per image/frame (stdout, or stderr with
+    --json), errors on stderr, a progress bar on an interactive stderr."""
+
+    def __init__(self, app: App, lines) -> None:
+        self.app, self.lines = app, lines
+        self.progress = self.task = None
+
+    def predict_start(self, num_items: int) -> None:
+        if self.app.interactive:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("predict"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), console=self.app.err, transient=True)  # fmt: skip
+            self.task = self.progress.add_task("predict", total=num_items)
+            self.progress.start()
+
+    def predict_record(self, rec) -> None:
+        from rich.markup import escape
+
+        from ..engine.loops.predict import summarize
+
+        self._advance()
+        if self.app.quiet:
+            return
+        name = f"{rec.file} frame {rec.frame}" if rec.frame is not None else rec.file
+        n = len(rec.detections)
+        summary = f" ({summarize(rec.detections)})" if n else ""
+        self.lines.print(f"{escape(name)}: {n} detection{'s' if n != 1 else ''}{escape(summary)} {rec.ms:.1f} ms",
+                         highlight=False, soft_wrap=True)  # fmt: skip
+
+    def predict_error(self, message: str) -> None:
+        from rich.markup import escape
+
+        self._advance()
+        self.app.err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 @click.command("predict")
 @click.argument("sources", nargs=-1, required=True)
-@click.option("-w", "--weights", default=None, metavar="PATH",
-              help="Checkpoint: a ddetr .pt, an official .pth, or a Hugging Face model folder.")
+@options.weights("Checkpoint: a ddetr .pt, an official .pth, or a Hugging Face model folder.")
 @click.option("--conf", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="Minimum score of a detection.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@options.device()
+@click.option("--project", default="runs/predict", show_default=True, help="Parent folder of runs.")
+@click.option("--name", default="exp", show_default=True, help="Run name under --project (exp, exp2, ... never overwritten).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run folder (default: runs/predict/N). A non-empty one is never overwritten.")
+              help="Run folder instead of --project/--name (if it holds a run: OUT2, OUT3, ...).")
 @click.option("--viz", is_flag=True, help="Also save annotated images (and mp4 videos).")
 @click.option("--coco-json", is_flag=True, help="Also write results_coco.json (COCO results format).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions JSON on stdout.")
-@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--imgsz", type=click.IntRange(16), default=None,
-              help="Shortest side the images are resized to (default: the size the model was trained at, else 800).")
-@click.option("--max-size", type=click.IntRange(16), default=None,
-              help="Upper bound on the longest side after resizing (default: the training value, else 1333).")
+@options.batch_size(1)
+@options.imgsz()
+@options.max_size()
 @click.option("--top-k", type=click.IntRange(1), default=100, show_default=True,
               help="Detections kept per image before the --conf filter.")
 @click.option("--backend", type=click.Choice(["auto", "native", "torch"]), default="auto", show_default=True,
               help="Deformable-attention implementation.")
-@click.option("--amp", is_flag=True, help="Mixed precision (bf16/fp16 autocast).")
+@options.amp()
 @pass_app
-def command(
-    app: App,
-    sources: tuple[str, ...],
-    weights: str | None,
-    conf: float,
-    device: str,
-    out: Path | None,
-    viz: bool,
-    coco_json: bool,
-    as_json: bool,
-    batch_size: int,
-    imgsz: int | None,
-    max_size: int | None,
-    top_k: int,
-    backend: str,
-    amp: bool,
-) -> None:
+def command(app: App, sources: tuple[str, ...], weights: str | None, as_json: bool, **opts) -> None:
     """Detect objects in SOURCE... (image files, folders, globs such as
     'imgs/*.jpg', or video files) and save predictions.json in a fresh run
     folder.
 
     \b
     Examples:
-      ddetr predict photo.jpg --weights runs/train/1/best.pt --viz
+      ddetr predict photo.jpg -w runs/train/exp/weights/best.pt --viz
       ddetr predict 'data/*.png' clip.mp4 -w best.pt --conf 0.3 --json > preds.json
     """
     from rich.markup import escape
 
-    if weights is None or not Path(weights).expanduser().exists():
-        raise _missing_weights(weights)
-    dev = resolve_device(device)
+    from ..engine.run_predict import PredictOptions, run_prediction
 
-    from ..checkpoints import CheckpointError, load_model
-    from ..engine.predict import Predictor, count_items, expand_sources, fresh_run_dir, run_predict, summarize
-
-    try:
-        model = load_model(weights, dev, msda_backend=None if backend == "auto" else backend)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
-    except (ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise click.ClickException(f"{weights}: cannot load model ({first})") from None
-
-    from ..data import inference_size
-
-    imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
-    predictor = Predictor(model, dev, imgsz=imgsz, max_size=max_size, conf=conf, top_k=top_k,
-                          batch_size=batch_size, amp=amp)  # fmt: skip
-    entries = expand_sources(list(sources))
-    try:
-        run_dir = fresh_run_dir(out)
-    except OSError as exc:
-        raise click.ClickException(f"cannot create the run folder: {exc}") from None
-    lines = app.err if as_json else app.out  # per-image lines; stdout stays pure JSON with --json
-
-    progress = task = None
-    if app.interactive and not app.quiet:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(TextColumn("predict"), BarColumn(bar_width=30), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=app.err, transient=True)  # fmt: skip
-        task = progress.add_task("predict", total=count_items(entries))
-        progress.start()
-
-    def on_record(rec) -> None:
-        if progress is not None:
-            progress.advance(task)
-        if app.quiet:
-            return
-        name = f"{rec.file} frame {rec.frame}" if rec.frame is not None else rec.file
-        n = len(rec.detections)
-        summary = f" ({summarize(rec.detections)})" if n else ""
-        lines.print(f"{escape(name)}: {n} detection{'s' if n != 1 else ''}{escape(summary)} {rec.ms:.1f} ms",
-                    highlight=False, soft_wrap=True)  # fmt: skip
-
-    def on_error(message: str) -> None:
-        if progress is not None:
-            progress.advance(task)
-        app.err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-    try:
-        result = run_predict(predictor, list(sources), run_dir=run_dir, viz=viz, coco_json=coco_json,
-                             on_record=on_record, on_error=on_error, entries=entries)  # fmt: skip
-    finally:
-        if progress is not None:
-            progress.stop()
-
+    reporter = _Lines(app, app.err if as_json else app.out)  # stdout stays pure JSON with --json
+    with user_errors():
+        result = run_prediction(weights, list(sources), PredictOptions(**opts), reporter)
     if as_json:
         click.echo(json.dumps(result.predictions(), indent=1))
     n_ok = len(result.records)
     if n_ok:
         s = result.speed_ms
         _info(app, f"Speed: {s['preprocess']:.1f} ms preprocess, {s['inference']:.1f} ms inference, "
-                 f"{s['postprocess']:.1f} ms postprocess per image at imgsz {imgsz} on {dev}")  # fmt: skip
+                 f"{s['postprocess']:.1f} ms postprocess per image at imgsz {result.imgsz} on {result.device}")  # fmt: skip
     saved = ["predictions.json"]
     if result.coco_json is not None:
         saved.append("results_coco.json")
     if result.visualizations:
         n_viz = len(result.visualizations)
         saved.append(f"{n_viz} annotated file{'s' if n_viz != 1 else ''}")
-    _info(app, f"Results saved to [bold]{escape(str(run_dir))}[/] ({', '.join(saved)})")
+    _info(app, f"Results saved to [bold]{escape(str(result.run_dir))}[/] ({', '.join(saved)})")
     if result.failed:
         total = n_ok + len(result.failed)
         raise click.ClickException(f"{len(result.failed)} of {total} input(s) could not be read (see above)")

@@ -8,26 +8,29 @@ from typing import Any
 
 import click
 
+from . import options
 from .app import App, pass_app
+from .errors import user_errors
 
 
 @click.command("train")
 @click.argument("data", required=False)
 @click.option("--model", "model", default=None, help="Model preset (r50, tiny, ...) or a YAML file of model config fields.")
-@click.option("--variant", type=click.Choice(["base", "refine", "two-stage"]), default=None, help="Deformable DETR variant (default: the preset's).")
-@click.option("--imgsz", type=int, default=None, help="Largest training scale (shorter side, pixels).")
+@options.variant()
+@options.imgsz("Shorter side at inference and largest training scale (default 800; multi-scale from --config min_scale).")
+@options.max_size("Cap on the longer side, in training and at inference (default 1333).")
 @click.option("--epochs", type=int, default=None, help="Total epochs (on --resume: extend a run).")
-@click.option("--batch-size", "batch_size", type=int, default=None, help="Images per process per step.")
+@options.batch_size(None, "Images per process per step.")
 @click.option("--lr", type=float, default=None, help="Base learning rate (backbone: --config lr_backbone).")
 @click.option("--lr-drop", "lr_drop", type=int, default=None, help="Epoch of the x0.1 lr drop (default: 80% of --epochs).")
-@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
+@options.device(None)
+@options.workers(None)
 @click.option("--project", default=None, help="Parent folder of runs (default runs/train).")
 @click.option("--name", default=None, help="Run name under --project (exp, exp2, ... never overwritten).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Exact run folder (instead of --project/--name).")
-@click.option("--weights", default=None, type=click.Path(), help="Fine-tune from a checkpoint (own, official or Hugging Face).")
+@options.weights("Fine-tune from a checkpoint (own, official or Hugging Face).")
 @click.option("--pretrained-backbone", "pretrained_backbone", default=None, type=click.Path(), help="torchvision ResNet weights (.pth) for the backbone.")
-@click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), default=None, help="Mixed precision.")
+@options.amp(None)
 @click.option("--ema/--no-ema", default=None, help="Keep an exponential moving average of the weights.")
 @click.option("--resume", default=None, type=click.Path(), help="Continue a run folder (or its weights/last.pt).")
 @click.option("--config", "config_path", default=None, type=click.Path(), help="YAML with train: / model: sections.")
@@ -37,7 +40,7 @@ from .app import App, pass_app
 @click.option("--max-iters", "max_iters", type=int, default=None, help="Stop after this many optimizer steps in total.")
 @click.option("--seed", type=int, default=None)
 @pass_app
-def command(app: App, data: str | None, config_path: str | None, resume: str | None, **options: Any) -> None:
+def command(app: App, data: str | None, config_path: str | None, resume: str | None, **overrides: Any) -> None:
     """Train on DATA: a dataset YAML, or `shapes` for the built-in synthetic set.
 
     \b
@@ -46,32 +49,17 @@ def command(app: App, data: str | None, config_path: str | None, resume: str | N
     ddetr train --resume runs/train/exp --epochs 60
     scripts/torchrun_train.sh 8 coco.yaml --batch-size 4    # 8 GPUs, one node
     """
-    from ..checkpoints.io import CheckpointError
-    from ..data import ConfigError, DatasetError, ImageReadError
-    from ..engine.config import TrainConfigError
-    from ..engine.device import DeviceError
-    from ..engine.labelmap import ClassMismatchError
-    from ..engine.progress import RichReporter
-    from ..engine.run_train import RunError, run_training
-    from ..engine.train import TrainingError, TrainingInterrupted
+    from ..engine.loops.train import TrainingInterrupted
+    from ..engine.report.progress import RichReporter
+    from ..engine.run_train import run_training
 
-    expected = (ConfigError, DatasetError, ImageReadError, TrainConfigError, CheckpointError, ClassMismatchError, TrainingError)
     try:
-        result = run_training(
-            data, config_path=config_path, resume=resume, overrides=options,
-            reporter=RichReporter(app.err, interactive=app.interactive, quiet=app.quiet),
-            log=app.info, warn=app.warn, show_scan=partial(_print_scan, app),
-        )
-    except DeviceError as exc:
-        raise click.BadParameter(str(exc), param_hint=exc.option) from None
-    except RunError as exc:
-        if exc.param:
-            raise click.BadParameter(str(exc), param_hint=exc.param) from None
-        if exc.usage:
-            raise click.UsageError(str(exc)) from None
-        raise click.ClickException(str(exc)) from None
-    except expected as exc:
-        raise click.ClickException(str(exc)) from None
+        with user_errors():
+            result = run_training(
+                data, config_path=config_path, resume=resume, overrides=overrides,
+                reporter=RichReporter(app.err, interactive=app.interactive, quiet=app.quiet),
+                log=app.info, warn=app.warn, show_scan=partial(_print_scan, app),
+            )  # fmt: skip
     except TrainingInterrupted as exc:
         run_dir = exc.checkpoint.parent.parent
         raise click.ClickException(f"interrupted: saved {exc.checkpoint}; continue with: ddetr train --resume {run_dir}") from None

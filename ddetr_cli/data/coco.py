@@ -30,15 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DatasetError
 from .images import ImageReadError, read_image
 from .transforms import ToTensorNormalize
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError):
-    """A dataset (annotation file or image folder) that cannot be used as is.
-    The message names the file and the offending entry."""
 
 
 @dataclass

@@ -23,15 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ..errors import ConfigError
+from .shapes import is_shapes_root
+from .yaml_file import read_yaml
 
 _SPLIT_KEYS = ("images", "annotations")
 _TOP_KEYS = ("path", "train", "val", "test", "names", "model", "train_options")
-
-
-class ConfigError(ValueError):
-    """A dataset configuration that is missing, malformed or points at files
-    that do not exist. The message names the file and the key."""
 
 
 @dataclass
@@ -50,6 +47,7 @@ class DatasetConfig:
     model: dict[str, Any] = field(default_factory=dict)
     train_options: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    is_shapes: bool = False  # the built-in synthetic dataset (gets its own training recipe)
 
     def split(self, name: str) -> SplitConfig:
         value = getattr(self, name, None) if name in ("train", "val", "test") else None
@@ -68,21 +66,7 @@ def load_dataset_config(path_or_name: str | os.PathLike) -> DatasetConfig:
     source = Path(text).expanduser()
     if not source.exists():
         raise ConfigError(f"{source}: dataset config file not found (a YAML file, or 'shapes' for the built-in dataset)")
-    if source.is_dir():
-        raise ConfigError(f"{source}: is a directory; expected a dataset YAML file")
-    try:
-        raw_text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: cannot read ({exc})") from None
-    try:
-        raw = yaml.safe_load(raw_text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or "syntax error"
-        raise ConfigError(f"{source}:{where}: malformed YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: malformed YAML: {exc}") from None
+    raw = read_yaml(source, what="dataset YAML file")
     if not isinstance(raw, dict):
         kind = "empty" if raw is None else f"a {type(raw).__name__}"
         raise ConfigError(f"{source}: expected a mapping with 'train' and 'val' keys, got {kind}")
@@ -122,6 +106,7 @@ def _parse(raw: dict, source: Path) -> DatasetConfig:
         model=_section(raw, "model", source),
         train_options=options,
         source=source.resolve(),
+        is_shapes=is_shapes_root(source.resolve().parent),
     )
 
 

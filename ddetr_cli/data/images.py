@@ -17,15 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import ImageReadError
+
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff"})
 VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 
 _DECODE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
-
-
-class ImageReadError(ValueError):
-    """An image that is missing, unreadable or not decodable. The message names
-    the file and the reason."""
 
 
 def is_image_file(path: str | os.PathLike) -> bool:

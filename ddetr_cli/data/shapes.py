@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .coco import DatasetError
+from ..errors import DatasetError
 
 CLASS_NAMES = ("circle", "square", "triangle")
 CATEGORY_IDS = (1, 2, 3)
@@ -87,11 +87,23 @@ def ensure_shapes_dataset(
     return root / "shapes.yaml"
 
 
-def _is_complete(root: Path, spec: ShapesSpec) -> bool:
+def _read_meta(root: Path) -> dict:
+    """The generator's ``meta.json`` in ``root`` ({} when absent or unreadable)."""
     try:
         meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_shapes_root(root: str | os.PathLike) -> bool:
+    """True when ``root`` holds a dataset written by this generator."""
+    spec = _read_meta(Path(root)).get("spec")
+    return isinstance(spec, dict) and "n_train" in spec
+
+
+def _is_complete(root: Path, spec: ShapesSpec) -> bool:
+    meta = _read_meta(root)
     if meta.get("spec") != asdict(spec) or not meta.get("complete"):
         return False
     if not (root / "shapes.yaml").is_file():

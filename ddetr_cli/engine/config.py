@@ -5,6 +5,12 @@ recipe (for the synthetic dataset) < ``train:`` section of the dataset YAML <
 ``train:`` section of a ``--config`` YAML < command-line options. The ``model:``
 sections are kept separately (:attr:`TrainConfig.model_overrides`) and applied to
 the model preset. Unknown keys raise :class:`TrainConfigError` naming the key.
+
+Image sizes: ``imgsz`` is the shorter side the model sees at inference, as in
+``ddetr eval`` and ``ddetr predict``; training uses it as the largest of its
+multi-scale sizes (the official recipe: 480..800, evaluated at 800). So a
+layer that sets ``imgsz`` without ``eval_size`` sets ``eval_size`` too, and
+``max_size`` likewise sets ``eval_max_size``.
 """
 
 from __future__ import annotations
@@ -14,15 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-
-class TrainConfigError(ValueError):
-    """Bad training configuration; the message names the file and/or field."""
-
-
-AMP_MODES = ("off", "auto", "bf16", "fp16")
-VARIANTS = ("base", "refine", "two-stage")
+from ..data.yaml_file import read_yaml
+from ..errors import TrainConfigError
+from ..models.config import VARIANTS
+from .parts.amp import AMP_MODES
 
 
 @dataclass
@@ -44,7 +45,7 @@ class TrainConfig:
     # data
     workers: int = 2
     device: str = "auto"
-    imgsz: int = 800  # largest (shorter-side) training scale
+    imgsz: int = 800  # shorter side at inference; the largest training scale
     min_scale: int = 480
     scale_step: int = 32
     max_size: int = 1333
@@ -162,6 +163,7 @@ def merge(cfg: TrainConfig, updates: dict[str, Any] | None, source: str) -> Trai
     if not isinstance(updates, dict):
         raise TrainConfigError(f"{source}: expected a mapping of training options, got {type(updates).__name__}")
     values = cfg.to_dict()
+    given = set()
     for raw_key, value in updates.items():
         key = _ALIASES.get(str(raw_key), str(raw_key).replace("-", "_"))
         if key not in _FIELDS:
@@ -169,22 +171,17 @@ def merge(cfg: TrainConfig, updates: dict[str, Any] | None, source: str) -> Trai
             hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
             raise TrainConfigError(f"{source}: unknown training option {raw_key!r}{hint}")
         values[key] = _coerce(key, value, values[key], source)
+        given.add(key)
+    for size, eval_size in (("imgsz", "eval_size"), ("max_size", "eval_max_size")):
+        if size in given and eval_size not in given:  # one meaning of imgsz: the inference size
+            values[eval_size] = values[size]
     return TrainConfig(**values)
 
 
 def read_config_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads a ``--config`` YAML: returns (train section, model section). A file
     without sections is taken as a flat train section."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise TrainConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    data = read_yaml(path, what="config file", error=TrainConfigError)
     if data is None:
         return {}, {}
     if not isinstance(data, dict):

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import distributed
-from .device import resolve_device
-from .evaluate import EvalResult
-from .progress import NullReporter, Reporter
+from ..errors import DatasetError, DdetrError
+from .loops.evaluate import EvalResult
+from .parts import distributed
+from .parts.device import resolve_device
+from .report.progress import NullReporter, Reporter
 
 _log = logging.getLogger("ddetr")
 
@@ -50,7 +51,7 @@ def run_evaluation(
     device: str = "auto",
     workers: int = 2,
     amp: str = "off",
-    json_out: str | Path | None = None,
+    coco_json: str | Path | None = None,
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvalRun | None:
@@ -59,20 +60,20 @@ def run_evaluation(
     ``imgsz`` / ``max_size``: shorter-side size and longer-side cap (default: the
     sizes recorded by our training checkpoints, else 800 / 1333). ``device``:
     'auto' | 'cpu' | 'cuda' | 'cuda:N'. ``amp``: 'off' | 'auto' | 'bf16' | 'fp16'.
-    ``json_out``: also write the detections (COCO results format) there.
+    ``coco_json``: also write the detections (COCO results format) there.
     ``reporter``: progress; ``log``: one-line messages (default: the ``ddetr``
     logger).
 
     Returns an :class:`EvalRun` on rank 0, None on other ranks. Raises
-    ``ValueError`` (``batch_size`` < 1), ``ConfigError`` / ``DatasetError`` /
-    ``ImageReadError`` (data), ``CheckpointError``, :class:`~.device.DeviceError`,
-    :class:`~.labelmap.ClassMismatchError`.
+    :class:`~ddetr_cli.errors.DdetrError` subclasses: bad ``batch_size``, data
+    (``ConfigError`` / ``DatasetError`` / ``ImageReadError``), ``CheckpointError``,
+    ``DeviceError``, ``ClassMismatchError``.
     """
     from ..checkpoints import load_model
     from ..data import inference_size, load_dataset_config
 
     if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        raise DdetrError(f"must be >= 1, got {batch_size}", param="batch_size")
     log = log or _log.info
     reporter = reporter or NullReporter()
     dc = load_dataset_config(data)
@@ -82,24 +83,25 @@ def run_evaluation(
     info = distributed.init_distributed(dev)
     try:
         dev = distributed.device_for(info, dev)
-        model = load_model(weights)
+        model = load_model(weights, dev)
         imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
         return _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, dev, info, workers, amp,
-                         json_out, reporter, log)
+                         coco_json, reporter, log)
     finally:
         if owns_group:
             distributed.cleanup()
 
 
-def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, info, workers, amp, json_out,
+def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, info, workers, amp, coco_json,
               reporter: Reporter, log) -> EvalRun | None:
     import torch
 
     from ..checkpoints.io import atomic_write_text
-    from ..data import CocoDetection, DatasetError, collate, make_eval_transforms
-    from .amp import amp_dtype
-    from .evaluate import ShardSampler, evaluate
-    from .labelmap import resolve_label_map
+    from ..data import CocoDetection, collate, make_eval_transforms
+    from .loops.evaluate import evaluate
+    from .parts.amp import amp_dtype
+    from .parts.labelmap import resolve_label_map
+    from .parts.sampler import ShardSampler
 
     num_classes = int(model.config.num_classes)
     model_ids = getattr(model, "category_ids", None)
@@ -108,7 +110,7 @@ def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, in
         raise DatasetError(f"{sc.annotations}: the {split} split has no images")
     label_to_cat = resolve_label_map(num_classes, list(model_ids) if model_ids is not None else None,
                                      list(dataset.category_ids), what=f"{weights}")
-    model = model.to(device).eval()
+    model = model.eval()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
         collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda",
@@ -123,7 +125,7 @@ def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, in
         return None
     names = {int(c["id"]): c.get("name", str(c["id"])) for c in dataset.coco.loadCats(dataset.coco.getCatIds())}
     path = None
-    if json_out:
-        path = Path(json_out)
+    if coco_json:
+        path = Path(coco_json)
         atomic_write_text(path, json.dumps(result.detections))
     return EvalRun(result, split, names, imgsz, max_size, path)

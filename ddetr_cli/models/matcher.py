@@ -18,11 +18,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..errors import MatchingError
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-
-
-class MatchingError(ValueError):
-    """The cost matrix holds NaN/inf values (usually: the model diverged)."""
 
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]

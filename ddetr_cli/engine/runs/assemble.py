@@ -1,19 +1,21 @@
-"""Assembling a training run from configs: model config, datasets, weights.
+"""Assembling a training run from its configs: the model config, the datasets
+(checked against their scans) and the model (fresh, fine-tuned or resumed).
 
-Everything here raises ValueError subclasses with one-line messages naming the
-file or field, before any training starts.
+Everything here raises :class:`~ddetr_cli.errors.DdetrError` subclasses with
+one-line messages naming the file or field, before any training starts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import TrainConfig, TrainConfigError
-from .labelmap import ClassMismatchError, resolve_label_map
+from ...data.yaml_file import read_yaml
+from ...errors import ClassMismatchError, DatasetError, TrainConfigError
+from ..config import TrainConfig
+from ..parts.labelmap import resolve_label_map
 
 _MODEL_META_KEYS = ("preset", "name", "variant")
 
@@ -22,8 +24,8 @@ def build_model_config(cfg: TrainConfig, num_classes: int, base: Any | None = No
     """ModelConfig for training: ``base`` (e.g. a fine-tuning checkpoint's config)
     or the preset / YAML named by ``cfg.model``, then ``cfg.variant``, then the
     ``model:`` overrides, with ``num_classes`` set to the dataset's."""
-    from ..models import ModelConfig, preset
-    from ..models.config import PRESETS, apply_variant
+    from ...models import ModelConfig, preset
+    from ...models.config import PRESETS, apply_variant
 
     overrides = dict(cfg.model_overrides)
     overrides.pop("num_classes", None)
@@ -38,13 +40,9 @@ def build_model_config(cfg: TrainConfig, num_classes: int, base: Any | None = No
         else:
             path = Path(name)
             if not path.is_file():
-                raise TrainConfigError(f"--model: {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file")
-            try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-                raise TrainConfigError(f"{path}: malformed YAML{where}") from None
+                raise TrainConfigError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file",
+                                       param="model")
+            data = read_yaml(path, what="model config file", error=TrainConfigError) or {}
             if not isinstance(data, dict):
                 raise TrainConfigError(f"{path}: expected a mapping of model config fields")
             data = dict(data)
@@ -76,8 +74,8 @@ class Datasets:
 def build_datasets(cfg: TrainConfig, dc) -> Datasets:
     """Train / val CocoDetection with the configured transforms. ``dc``: a
     ``DatasetConfig``. Raises DatasetError / TrainConfigError."""
-    from ..data import CocoDetection, DatasetError, default_train_scales, make_eval_transforms, make_train_transforms
-    from ..data.transforms import Compose, RandomHorizontalFlip, RandomResize, ToTensorNormalize
+    from ...data import CocoDetection, default_train_scales, make_eval_transforms, make_train_transforms
+    from ...data.transforms import Compose, RandomHorizontalFlip, RandomResize, ToTensorNormalize
 
     try:
         scales = default_train_scales(cfg.imgsz, cfg.min_scale, cfg.scale_step)
@@ -114,7 +112,7 @@ def transfer_weights(model, state: dict, src_category_ids: list[int] | None, src
     own = model.state_dict()
     rows: list[int] | None = None
     try:
-        label_map = resolve_label_map(src_num_classes, src_category_ids, dst_category_ids, what="--weights checkpoint")
+        label_map = resolve_label_map(src_num_classes, src_category_ids, dst_category_ids, what="the fine-tuning checkpoint")
         pos = {c: i for i, c in enumerate(label_map) if c is not None}
         rows = [pos[c] for c in dst_category_ids] if all(c in pos for c in dst_category_ids) else None
     except ClassMismatchError:
@@ -150,3 +148,48 @@ def transfer_weights(model, state: dict, src_category_ids: list[int] | None, src
     if other_missing:
         notes.append(f"{len(other_missing)} tensor(s) missing from the checkpoint kept their initialisation (e.g. {other_missing[0]})")
     return notes
+
+
+def build_model(cfg: TrainConfig, ds: Datasets, ckpt: dict | None = None, *, model_explicit: bool = False):
+    """(model, notes) for a run on the datasets ``ds``: resumed from ``ckpt``,
+    fine-tuned from ``cfg.weights`` (the checkpoint's config unless
+    ``model_explicit``) or fresh (optionally with ``cfg.pretrained_backbone``).
+    ``notes``: what fine-tuning did, one line each."""
+    from ...models import ModelConfig
+    from ...models import build_model as build_network
+
+    notes: list[str] = []
+    if ckpt is not None:
+        mc = ModelConfig.from_dict(ckpt["model_config"], source="checkpoint model_config")
+        model = build_network(mc)
+    elif cfg.weights:
+        from ...checkpoints import load_model
+
+        src = load_model(cfg.weights)
+        mc = build_model_config(cfg, len(ds.category_ids), base=None if model_explicit else src.config)
+        model = build_network(mc)
+        src_ids = list(src.category_ids) if getattr(src, "category_ids", None) is not None else None
+        notes += transfer_weights(model, src.state_dict(), src_ids, int(src.config.num_classes), list(ds.category_ids))
+        notes.insert(0, f"fine-tuning from {cfg.weights}")
+    else:
+        model = build_network(build_model_config(cfg, len(ds.category_ids)))
+        if cfg.pretrained_backbone:
+            from ...checkpoints.torchvision import load_backbone_weights
+
+            load_backbone_weights(model, cfg.pretrained_backbone)
+    model.class_names = list(ds.class_names)
+    model.category_ids = list(ds.category_ids)
+    model.input_size = (cfg.eval_size, cfg.eval_max_size)
+    return model, notes
+
+
+def check_scans(ds: Datasets, train_scan, val_scan, warn: Callable[[str], None]) -> None:
+    """Stops on datasets that cannot train (no image file exists, no
+    annotations); warns about every other problem the scans found."""
+    for split, d, report in (("train", ds.train, train_scan), ("val", ds.val, val_scan)):
+        if report.missing_files and report.missing_files >= len(d):
+            raise DatasetError(f"{d.images_dir}: none of the {len(d)} images listed in {d.annotation_file} exist")
+        for problem in report.problems:
+            warn(f"{split}: {problem}")
+    if len(ds.train.coco.getAnnIds()) == 0:
+        raise DatasetError(f"{ds.train.annotation_file}: the training split has no annotations")

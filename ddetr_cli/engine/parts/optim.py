@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from .config import TrainConfig
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
+def base_lrs(cfg: TrainConfig) -> dict[str, float]:
+    """The base learning rate of each parameter group, by group name (the
+    official rule: the backbone at ``lr_backbone``, the sampling-offset and
+    reference-point projections at ``lr * lr_linear_proj_mult``)."""
+    return {"main": cfg.lr, "backbone": cfg.lr_backbone, "linear_proj": cfg.lr * cfg.lr_linear_proj_mult}
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -28,11 +38,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             proj.append(p)
         else:
             main.append(p)
-    groups = [
-        {"params": main, "lr": cfg.lr, "base_lr": cfg.lr, "name": "main"},
-        {"params": backbone, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone, "name": "backbone"},
-        {"params": proj, "lr": cfg.lr * cfg.lr_linear_proj_mult, "base_lr": cfg.lr * cfg.lr_linear_proj_mult, "name": "linear_proj"},
-    ]
+    lrs = base_lrs(cfg)
+    groups = [{"params": params, "lr": lrs[name], "base_lr": lrs[name], "name": name}
+              for name, params in (("main", main), ("backbone", backbone), ("linear_proj", proj))]  # fmt: skip
     return [g for g in groups if g["params"]]
 
 

@@ -1,4 +1,6 @@
-"""Training sample order as a pure function of (seed, epoch).
+"""Sample orders: training as a pure function of (seed, epoch)
+(:class:`EpochSampler`), evaluation as a fixed split over processes
+(:class:`ShardSampler`).
 
 Every process draws the same permutation from ``seed + epoch``, pads it to a
 multiple of the world size and takes its own stride, so a resumed run sees the
@@ -48,3 +50,17 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         usable = self.batches_per_epoch() * self.batch_size
         return max(0, min(usable, self.per_rank) - self.skip_batches * self.batch_size)
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Evaluation order: a deterministic, non-padding split of ``range(n)`` over
+    processes (rank r takes r, r+W, ...), so no image is evaluated twice."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
-class ClassMismatchError(ValueError):
-    """The model's classes cannot be mapped onto the dataset's categories."""
-
+from ...errors import ClassMismatchError
 
 COCO_OFFICIAL_CLASSES = (91, 92)  # official COCO heads: class index == COCO category id
 
@@ -39,7 +36,7 @@ def resolve_label_map(
         missing = sorted(ds_set - set(ids))
         raise ClassMismatchError(
             f"{what} has {num_classes} classes (category ids {_short(ids)}) that do not cover the "
-            f"dataset's category ids {_short(missing)}; fine-tune it on this dataset with --weights first"
+            f"dataset's category ids {_short(missing)}; fine-tune it on this dataset first (`weights`)"
         )
     if num_classes == len(ds):
         return list(ds)

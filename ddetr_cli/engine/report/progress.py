@@ -1,9 +1,11 @@
-"""Training / evaluation progress reporting.
+"""Progress reporting of the three loops.
 
 The engine calls a :class:`Reporter`; :class:`NullReporter` ignores everything
 (library use, non-main ranks); :class:`RichReporter` draws a per-epoch progress
 bar and tables on a rich console (stderr), with the bar off when the console is
-not interactive (one line per epoch instead).
+not interactive (one line per epoch instead). Prediction reports each image or
+frame (``predict_record``) and each unreadable input (``predict_error``); the
+CLI prints them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ class Reporter:
     def eval_start(self, num_images: int) -> None: ...
     def eval_step(self, num_images: int) -> None: ...
     def eval_end(self, result: Any) -> None: ...
+    def predict_start(self, num_items: int) -> None: ...
+    def predict_record(self, record: Any) -> None: ...
+    def predict_error(self, message: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -135,7 +140,7 @@ def stats_table(result, title: str = "COCO bbox"):
     """A compact rich table of the 12 COCO numbers."""
     from rich.table import Table
 
-    from .evaluate import STAT_NAMES
+    from .metrics import STAT_NAMES
 
     table = Table(title=title, show_header=True, header_style="bold")
     for name in STAT_NAMES[:6]:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import distributed as dist_utils
+from ...data.coco_results import coco_result
+from ..parts import distributed as dist_utils
+from ..report.metrics import STAT_NAMES
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 @dataclass
@@ -43,8 +44,7 @@ def to_coco_results(
         cat = label_to_cat[lab] if lab < len(label_to_cat) else None
         if cat is None:
             continue
-        x0, y0, x1, y1 = b
-        out.append({"image_id": int(image_id), "category_id": int(cat), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
+        out.append(coco_result(image_id, cat, b, s))
     return out
 
 
@@ -91,7 +91,7 @@ def run_inference(
 ) -> tuple[list[dict], list[int]]:
     """Runs the model over ``loader`` (batches of (images, padding_mask, targets))
     on this process; returns (COCO results, image ids seen)."""
-    from ..models.postprocess import postprocess
+    from ...models.postprocess import postprocess
 
     was_training = model.training
     model.eval()
@@ -134,17 +134,3 @@ def evaluate(
     all_results = [r for part, _ in gathered for r in part]
     all_seen = [i for _, ids in gathered for i in ids]
     return coco_evaluate(coco_gt, all_results, all_seen)
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Deterministic, non-padding split of ``range(n)`` over processes
-    (rank r takes r, r+W, ...), so no image is evaluated twice."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

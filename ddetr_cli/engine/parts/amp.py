@@ -1,13 +1,22 @@
-"""Automatic mixed precision: which autocast dtype a mode means on a device."""
+"""Automatic mixed precision: the modes and which autocast dtype a mode means
+on a device. torch is imported inside the functions, so the CLI can read
+:data:`AMP_MODES` for its choices without loading it."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+AMP_MODES = ("off", "auto", "bf16", "fp16")
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """'off' -> None; 'auto' -> bf16 on CUDA when supported, else fp16 (None on
     CPU); 'bf16' -> bf16 (CUDA or CPU); 'fp16' -> fp16 on CUDA, bf16 on CPU."""
+    import torch
+
     mode = (mode or "off").lower()
     if mode == "off":
         return None
@@ -23,4 +32,6 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def needs_grad_scaler(dtype: torch.dtype | None, device: torch.device) -> bool:
+    import torch
+
     return dtype == torch.float16 and device.type == "cuda"

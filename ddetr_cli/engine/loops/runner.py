@@ -1,0 +1,59 @@
+"""Model runners: what the predictor calls to turn a preprocessed batch into
+raw detections. The seam where other runtimes slot in beside PyTorch.
+
+A runner is any object with this shape (:class:`ModelRunner`)::
+
+    runner.device          torch.device the inputs go to (torch.device("cpu") for onnxruntime)
+    runner.class_names     list[str], contiguous class index -> name ([] if unknown)
+    runner.category_ids    list[int] | None, class index -> dataset category id
+    runner.input_size      (shorter side, longer-side cap) it was trained at, or None
+    runner(images, mask)   images [B, 3, H, W] float32 (ImageNet-normalised, padded),
+                           mask [B, H, W] bool (True = padding), both on ``runner.device``
+                           -> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4] cxcywh in [0, 1]}
+                           as float32 tensors; the call returns when the results are ready
+                           (a CUDA runner synchronises), so the predictor can time it.
+
+:class:`TorchRunner` wraps a loaded PyTorch model. An onnxruntime runner
+converts the tensors to numpy, runs its session and wraps the outputs back
+with ``torch.from_numpy``; :func:`ddetr_cli.engine.run_predict.load_runner`
+is the one place that chooses a runner for a weights path.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..parts.amp import amp_dtype
+
+
+class ModelRunner(Protocol):
+    device: torch.device
+    class_names: list[str]
+    category_ids: list[int] | None
+    input_size: tuple[int, int] | None
+
+    def __call__(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class TorchRunner:
+    """A PyTorch detector (already on ``device``, eval mode) as a runner;
+    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast."""
+
+    def __init__(self, model, device: torch.device | str = "cpu", amp: str = "off") -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.class_names: list[str] = list(getattr(model, "class_names", None) or [])
+        self.category_ids: list[int] | None = getattr(model, "category_ids", None)
+        self.input_size: tuple[int, int] | None = getattr(model, "input_size", None)
+        self.amp_dtype = amp_dtype(amp, self.device)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.model(images, mask)
+        out = {"pred_logits": outputs["pred_logits"].float(), "pred_boxes": outputs["pred_boxes"].float()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out

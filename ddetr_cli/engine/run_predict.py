@@ -1,0 +1,119 @@
+"""Prediction on images, folders, globs and videos.
+
+:func:`run_prediction` is what ``ddetr predict`` calls and what a Python
+script calls to do the same: resolve the device, load the weights into a model
+runner, choose the image sizes (given, else the training run's, else 800 /
+1333), expand and decode the sources (``data/sources.py``), predict, and
+write a fresh run folder (``runs/predict/exp``, ``exp2``, ...)::
+
+    predictions.json       [{file, frame?, image_id, width, height, detections: [...]}, ...]
+    results_coco.json      with coco_json: the COCO results format
+    <name>.<ext>           with viz: annotated images; <video>.mp4 annotated videos
+
+    from ddetr_cli.engine import PredictOptions, run_prediction
+
+    result = run_prediction("best.pt", ["street.jpg"], PredictOptions(conf=0.3, viz=True))
+    print(result.run_dir, result.predictions()[0]["detections"])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoints.io import atomic_write_text
+from ..errors import CheckpointError, RunError
+from .loops.predict import PredictResult, Predictor, predict_items
+from .loops.runner import ModelRunner, TorchRunner
+from .parts.device import resolve_device
+from .report.annotated import AnnotatedWriter
+from .report.progress import NullReporter, Reporter
+from .runs.folders import DEFAULT_NAME, allocate_run_dir, split_out
+
+WEIGHTS_HELP = (
+    "ddetr never downloads weights at run time. Train your own with `ddetr train`, or download a "
+    "checkpoint yourself: official Deformable DETR weights are on the GitHub releases of "
+    "fundamentalvision/Deformable-DETR (e.g. r50_deformable_detr-checkpoint.pth), Hugging Face "
+    "weights are SenseTime/deformable-detr on the Hugging Face hub; then pass the file or folder "
+    "as `weights`."
+)
+
+
+@dataclass
+class PredictOptions:
+    conf: float = 0.5  # minimum score of a detection
+    top_k: int = 100  # detections kept per image before the conf filter
+    imgsz: int | None = None  # shorter side (default: the size the model was trained at, else 800)
+    max_size: int | None = None  # longer-side cap (default: the training value, else 1333)
+    batch_size: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "off"  # off | auto | bf16 | fp16
+    backend: str = "auto"  # deformable-attention op: auto | native | torch
+    viz: bool = False  # also save annotated images and videos
+    coco_json: bool = False  # also write results_coco.json
+    project: str = "runs/predict"
+    name: str = DEFAULT_NAME
+    out: str | Path | None = None  # this folder (if it holds a run: out2, ...) instead of project/name
+
+
+def load_runner(weights: str | Path | None, device, *, backend: str = "auto", amp: str = "off") -> ModelRunner:
+    """The model runner for ``weights`` on ``device``: a PyTorch checkpoint (own
+    ``.pt``, official ``.pth``, Hugging Face folder) -> :class:`TorchRunner`.
+    The one place a runner is chosen (other runtimes slot in here)."""
+    if weights is None:
+        raise CheckpointError(f"no weights given. {WEIGHTS_HELP}", param="weights")
+    if not Path(weights).expanduser().exists():
+        raise CheckpointError(f"weights {str(weights)!r} not found. {WEIGHTS_HELP}", param="weights")
+    from ..checkpoints import load_model
+
+    try:
+        model = load_model(weights, device, msda_backend=None if backend == "auto" else backend)
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{weights}: cannot load model ({first})", param="weights") from None
+    return TorchRunner(model, device, amp=amp)
+
+
+def run_prediction(weights: str | Path | None, sources: Sequence[str], options: PredictOptions | None = None,
+                   reporter: Reporter | None = None) -> PredictResult:
+    """Predicts every input of ``sources`` (image files, folders, globs, videos)
+    with ``weights``, writes the run folder and returns the
+    :class:`~.loops.predict.PredictResult` (``run_dir``, ``records``, ``failed``
+    (unreadable inputs, which do not stop the run), ``speed_ms``, ``imgsz``).
+    ``reporter`` hears of every record and failure (``predict_*`` hooks).
+    Raises :class:`~ddetr_cli.errors.DdetrError` subclasses before predicting."""
+    from ..data import inference_size
+    from ..data.sources import count_items, expand_sources, iter_sources
+
+    opts = options or PredictOptions()
+    reporter = reporter or NullReporter()
+    device = resolve_device(opts.device)
+    runner = load_runner(weights, device, backend=opts.backend, amp=opts.amp)
+    imgsz, max_size = inference_size(runner.input_size, opts.imgsz, opts.max_size)
+    predictor = Predictor(runner, imgsz=imgsz, max_size=max_size, conf=opts.conf, top_k=opts.top_k,
+                          batch_size=opts.batch_size)  # fmt: skip
+    entries = expand_sources(list(sources))
+    project, name = split_out(opts.out) if opts.out is not None else (Path(opts.project), opts.name)
+    try:
+        run_dir = allocate_run_dir(project, name)
+    except OSError as exc:
+        raise RunError(f"cannot create the run folder: {exc}", param="out") from None
+    result = PredictResult(run_dir=run_dir, imgsz=imgsz, device=str(device))
+    writer = AnnotatedWriter(run_dir) if opts.viz else None
+    reporter.predict_start(count_items(entries))
+    try:
+        predict_items(predictor, iter_sources(entries), result, writer=writer, reporter=reporter)
+    finally:
+        reporter.close()
+        if writer is not None:
+            writer.close()
+    result.predictions_json = atomic_write_text(run_dir / "predictions.json", json.dumps(result.predictions(), indent=1))
+    if opts.coco_json:
+        result.coco_json = atomic_write_text(run_dir / "results_coco.json", json.dumps(result.coco_results()))
+    if writer is not None:
+        result.visualizations = writer.written
+    return result
