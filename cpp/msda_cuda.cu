@@ -23,15 +23,16 @@
 // lane 0 of the group writes grad_attn / grad_loc, zero for a point that
 // lies outside the map. Every grad_loc / grad_attn element is written once.
 //
-// Forward, staged path (every thread has one vector of channels, D / VEC <= 32,
-// and one batch item's value fits 32-bit offsets, the usual case): the block
+// Forward, staged path (enough (n, q, m) groups to fill the GPU, every thread
+// has one vector of channels, D / VEC <= 32, and one batch item's value fits
+// 32-bit offsets: the encoder's case): the block
 // first computes the bilinear taps of a chunk of its groups' points, one point
 // per thread rather than once per lane of every group, into shared memory
 // (per point: four corner offsets and four weights with the attention weight
 // folded in; zero weight and offset 0 for a corner outside the map), then
 // every lane gathers its channels of the four corners with no branch, several
 // loads in flight. Otherwise (wide D, huge maps) each lane computes the taps
-// itself with int64 offsets (the general path).
+// itself with int64 offsets (the general path, also the decoder's).
 //
 // Blocks walk the (n, q, m) groups in a grid-stride loop, so the grid is capped
 // and any N, Lq, M works.
@@ -474,8 +475,13 @@ int log2_group_for(int64_t num_vec) {
 }
 
 // Kernel arguments and vector width (pure host code, no CUDA calls).
+// The staged path pays a barrier per staging round; measured on an H200 it
+// wins at encoder sizes (an 800x1333 image: 178k groups per batch item) and
+// lost at the decoder's (300 queries: 2,400 groups, fewer blocks than SMs).
+constexpr int64_t kStagedMinGroups = 16384;
+
 template <typename T>
-ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out) {
+ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out, int64_t staged_min_groups = kStagedMinGroups) {
   const MsdaShape& s = p.shape;
   ForwardArgs<T> a;
   a.shape = s;
@@ -489,7 +495,8 @@ ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out) {
   a.log2_group = log2_group_for(a.num_vec);
   // Staged: one vector per lane, and every offset inside one batch item's value
   // (S * M * D elements) fits int32.
-  a.staged = a.num_vec <= kMaxGroup && s.num_keys * s.num_heads * s.channels <= INT32_MAX && s.num_levels * s.num_points <= INT32_MAX;
+  a.staged = a.num_groups >= staged_min_groups && a.num_vec <= kMaxGroup &&
+             s.num_keys * s.num_heads * s.channels <= INT32_MAX && s.num_levels * s.num_points <= INT32_MAX;
   *vec_out = vec;
   return a;
 }

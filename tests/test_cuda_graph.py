@@ -76,3 +76,31 @@ def test_model_forward_makes_no_host_sync(variant):
             model(images, mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_torch_runner_ignores_cuda_graph_on_the_cpu():
+    from ddetr_cli.engine.loops.runner import TorchRunner
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny")).eval()
+    images = torch.randn(1, 3, 64, 96)
+    mask = torch.zeros(1, 64, 96, dtype=torch.bool)
+    runner = TorchRunner(model, "cpu", cuda_graph=True)
+    assert runner.graphed is None
+    with torch.inference_mode():
+        want = model(images, mask)
+    torch.testing.assert_close(runner(images, mask)["pred_boxes"], want["pred_boxes"])
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_torch_runner_with_cuda_graph_matches_eager_in_bf16():
+    from ddetr_cli.engine.loops.runner import TorchRunner
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny")).cuda().eval()
+    eager, graphed = TorchRunner(model, "cuda", amp="bf16"), TorchRunner(model, "cuda", amp="bf16", cuda_graph=True)
+    for seed in (1, 2):
+        images, mask = _batch(seed)
+        want, got = eager(images, mask), graphed(images, mask)
+        torch.testing.assert_close(got["pred_boxes"], want["pred_boxes"], rtol=2e-2, atol=2e-2)

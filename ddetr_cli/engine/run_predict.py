@@ -51,6 +51,7 @@ class PredictOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "off"  # off | auto | bf16 | fp16
     backend: str = "auto"  # deformable-attention op: auto | native | torch
+    cuda_graph: bool = False  # on CUDA, replay the forward as a CUDA graph per input shape
     viz: bool = False  # also save annotated images and videos
     coco_json: bool = False  # also write results_coco.json
     project: str = "runs/predict"
@@ -58,7 +59,8 @@ class PredictOptions:
     out: str | Path | None = None  # this folder (if it holds a run: out2, ...) instead of project/name
 
 
-def load_runner(weights: str | Path | None, device, *, backend: str = "auto", amp: str = "off") -> ModelRunner:
+def load_runner(weights: str | Path | None, device, *, backend: str = "auto", amp: str = "off",
+                cuda_graph: bool = False) -> ModelRunner:
     """The model runner for ``weights`` on ``device``: a PyTorch checkpoint (own
     ``.pt``, official ``.pth``, Hugging Face folder) -> :class:`TorchRunner`.
     The one place a runner is chosen (other runtimes slot in here)."""
@@ -75,7 +77,7 @@ def load_runner(weights: str | Path | None, device, *, backend: str = "auto", am
     except (ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{weights}: cannot load model ({first})", param="weights") from None
-    return TorchRunner(model, device, amp=amp)
+    return TorchRunner(model, device, amp=amp, cuda_graph=cuda_graph)
 
 
 def run_prediction(weights: str | Path | None, sources: Sequence[str], options: PredictOptions | None = None,
@@ -92,7 +94,7 @@ def run_prediction(weights: str | Path | None, sources: Sequence[str], options: 
     opts = options or PredictOptions()
     reporter = reporter or NullReporter()
     device = resolve_device(opts.device)
-    runner = load_runner(weights, device, backend=opts.backend, amp=opts.amp)
+    runner = load_runner(weights, device, backend=opts.backend, amp=opts.amp, cuda_graph=opts.cuda_graph)
     imgsz, max_size = inference_size(runner.input_size, opts.imgsz, opts.max_size)
     predictor = Predictor(runner, imgsz=imgsz, max_size=max_size, conf=opts.conf, top_k=opts.top_k,
                           batch_size=opts.batch_size)  # fmt: skip

@@ -39,20 +39,30 @@ class ModelRunner(Protocol):
 
 class TorchRunner:
     """A PyTorch detector (already on ``device``, eval mode) as a runner;
-    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast."""
+    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast;
+    ``cuda_graph``: on CUDA, replay the forward from a CUDA graph captured per
+    input shape (:mod:`ddetr_cli.runtime.cuda_graph`); ignored on the CPU."""
 
-    def __init__(self, model, device: torch.device | str = "cpu", amp: str = "off") -> None:
+    def __init__(self, model, device: torch.device | str = "cpu", amp: str = "off", cuda_graph: bool = False) -> None:
         self.model = model
         self.device = torch.device(device)
         self.class_names: list[str] = list(getattr(model, "class_names", None) or [])
         self.category_ids: list[int] | None = getattr(model, "category_ids", None)
         self.input_size: tuple[int, int] | None = getattr(model, "input_size", None)
         self.amp_dtype = amp_dtype(amp, self.device)
+        self.graphed = None
+        if cuda_graph and self.device.type == "cuda":
+            from ...runtime.cuda_graph import CudaGraphRunner
+
+            self.graphed = CudaGraphRunner(model, autocast=self.amp_dtype)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            outputs = self.model(images, mask)
+        if self.graphed is not None:
+            outputs = self.graphed(images, mask)
+        else:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                outputs = self.model(images, mask)
         out = {"pred_logits": outputs["pred_logits"].float(), "pred_boxes": outputs["pred_boxes"].float()}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
