@@ -62,7 +62,13 @@ def command(app: App, data: str | None, config_path: str | None, resume: str | N
             )  # fmt: skip
     except TrainingInterrupted as exc:
         run_dir = exc.checkpoint.parent.parent
-        raise click.ClickException(f"interrupted: saved {exc.checkpoint}; continue with: ddetr train --resume {run_dir}") from None
+        stop = click.ClickException(f"interrupted ({exc.signal_name}): saved {exc.checkpoint}; "
+                                    f"continue with: ddetr train --resume {run_dir}")
+        if exc.signal_name != "SIGINT":  # preempted: 128 + the signal number, as a shell reports a signal
+            import signal
+
+            stop.exit_code = 128 + int(getattr(signal, exc.signal_name, signal.SIGTERM))
+        raise stop from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted (nothing saved since the last checkpoint); continue with: ddetr train --resume RUN_DIR") from None
     if result is None:  # not rank 0

@@ -34,6 +34,7 @@ from .report.progress import Reporter
 from .runs.assemble import Datasets, build_datasets, build_model, check_scans
 from .runs.checkpoint import load_train_checkpoint
 from .runs.folders import allocate_run_dir
+from .runs.rng import seed_everything
 
 if TYPE_CHECKING:
     from ..data import ScanReport
@@ -197,6 +198,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path | None, device, *, datasets: D
 
     log, warn = log or _log.info, warn or _log.warning
     ds = datasets or build_datasets(cfg, load_dataset_config(cfg.data))
+    seed_everything(cfg.seed)  # the model's initialisation follows `seed` (a resume loads its weights instead)
     model, notes = build_model(cfg, ds, ckpt, model_explicit=model_explicit)
     for note in notes:
         log(note) if note.startswith("fine-tuning") else warn(note)

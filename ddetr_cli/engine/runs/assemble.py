@@ -90,7 +90,8 @@ def build_datasets(cfg: TrainConfig, dc) -> Datasets:
         raise DatasetError(f"{dc.train.annotations}: the training split has no images")
     if train.num_classes == 0:
         raise DatasetError(f"{dc.train.annotations}: the training split has no categories")
-    val = CocoDetection(dc.val.images, dc.val.annotations, make_eval_transforms(cfg.eval_size, cfg.eval_max_size), category_ids=list(train.category_ids))
+    val = CocoDetection(dc.val.images, dc.val.annotations, make_eval_transforms(cfg.eval_size, cfg.eval_max_size), category_ids=list(train.category_ids),
+                        mark_unreadable=True)
     if len(val) == 0:
         raise DatasetError(f"{dc.val.annotations}: the validation split has no images")
     names = list(dc.names) if dc.names else list(train.class_names)
