@@ -129,3 +129,234 @@ def test_checkpoint_messages_never_suggest_unsafe_loading(tmp_path):
         msg = str(info.value)
         assert name in msg and needle in msg, msg
         assert "\n" not in msg and "False" not in msg and "Re-running" not in msg and "trust" not in msg, msg
+
+
+def test_finetune_note_says_why_the_class_head_was_reset():
+    from ddetr_cli.engine.runs.assemble import transfer_weights
+
+    src, dst = _tiny_model(num_classes=2), _tiny_model(num_classes=3)
+    notes = transfer_weights(dst, src.state_dict(), [5, 6], 2, [1, 2, 3])
+    assert any("do not cover" in n for n in notes) and not any("no category ids" in n for n in notes), notes
+    notes = transfer_weights(dst, src.state_dict(), None, 2, [1, 2, 3])
+    assert any("no category ids" in n for n in notes), notes
+
+
+def test_opencv_and_ffmpeg_stay_quiet_on_a_broken_video(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + os.urandom(2000))
+    code = ("import ddetr_cli.data.sources as s, cv2, sys\n"
+            "items = list(s.iter_sources(s.expand_sources([sys.argv[1]])))\n"
+            "print(items[0].error is not None)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    r = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"  # reported by ddetr, as an unreadable input
+    assert "WARN" not in r.stderr and "moov atom" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    from ddetr_cli.checkpoints import save_model
+
+    model = _tiny_model()
+    model.category_ids = [1, 2, 3]
+    return save_model(model, tmp_path_factory.mktemp("relw") / "tiny.pt")
+
+
+def _png(path: Path) -> Path:
+    import cv2
+    import numpy as np
+
+    assert cv2.imwrite(str(path), np.full((40, 56, 3), 90, np.uint8))
+    return path
+
+
+def _predict(args, cwd: Path):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return _cli(["predict", *args, "--imgsz", "64", "--device", "cpu"])
+    finally:
+        os.chdir(old)
+
+
+def test_predict_checks_the_output_folder_before_any_inference(tmp_path, weights, monkeypatch):
+    import errno
+
+    from ddetr_cli.engine.runs import folders
+
+    _png(tmp_path / "a.png")
+    real_open = os.open
+
+    def read_only(path, flags, *a):
+        if str(path).endswith(folders.CLAIM):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(folders.os, "open", read_only)
+    r = _predict([str(tmp_path / "a.png"), "-w", str(weights), "--out", str(tmp_path / "ro")], tmp_path)
+    assert r.exit_code != 0
+    assert "a.png:" not in r.stdout  # no image was predicted
+    err = r.stderr.strip().splitlines()
+    assert "cannot write to the run folder" in err[-1] and "ro" in err[-1] and "--out" in err[-1], r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_concurrent_runs_never_share_a_folder(tmp_path):
+    import multiprocessing as mp
+
+    from ddetr_cli.engine.runs.folders import allocate_run_dir
+
+    with mp.get_context("fork").Pool(4) as pool:
+        dirs = pool.starmap(allocate_run_dir, [(tmp_path, "exp")] * 8)
+    assert len(set(dirs)) == 8
+
+
+def test_predict_creates_nothing_when_there_is_nothing_to_do(tmp_path, weights):
+    r = _predict([str(tmp_path / "*.jpg"), "-w", str(weights)], tmp_path)
+    assert r.exit_code != 0 and "nothing to predict" in r.stderr and "no image or video files match" in r.stderr
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    r = _predict([str(tmp_path / "bad.jpg"), "-w", str(weights)], tmp_path)
+    assert r.exit_code != 0 and "none of the 1 input(s) could be read" in r.stderr
+    assert not (tmp_path / "runs" / "predict" / "exp").exists()  # claimed, then removed: nothing was kept
+
+
+def test_predict_folder_says_what_it_does_not_read_and_includes_videos(tmp_path, weights):
+    import cv2
+    import numpy as np
+
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    _png(d / "a.png")
+    (d / "notes.txt").write_text("x")
+    writer = cv2.VideoWriter(str(d / "v.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (56, 40))
+    if not writer.isOpened():
+        pytest.skip("no video encoder in this OpenCV build")
+    for i in range(2):
+        writer.write(np.full((40, 56, 3), 40 * i, np.uint8))
+    writer.release()
+    r = _predict([str(d), "-w", str(weights)], tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "1 subfolder(s) and 1 other file(s) not read" in r.stderr
+    preds = json.loads((tmp_path / "runs" / "predict" / "exp" / "predictions.json").read_text())
+    assert [Path(p["file"]).name for p in preds] == ["a.png", "v.avi", "v.avi"]
+    assert not (tmp_path / "runs" / "predict" / "exp" / ".ddetr-run").exists()  # the claim is released
+
+
+def test_predict_refuses_nan_conf(tmp_path, weights):
+    r = _predict([str(_png(tmp_path / "a.png")), "-w", str(weights), "--conf", "nan"], tmp_path)
+    assert r.exit_code != 0 and "--conf" in r.stderr and "nan" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------ files on disk
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_outputs_get_the_umask_permissions(tmp_path, umask, mode):
+    from ddetr_cli.checkpoints.io import atomic_torch_save, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        a = atomic_write_text(tmp_path / "a.json", "[]")
+        b = atomic_torch_save({"x": torch.zeros(1)}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert (a.stat().st_mode & 0o777, b.stat().st_mode & 0o777) == (mode, mode)
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from ddetr_cli.checkpoints import io as ckio
+    from ddetr_cli.errors import OutputError
+
+    last = tmp_path / "weights" / "last.pt"
+    ckio.atomic_torch_save({"x": torch.ones(2)}, last)
+
+    def full(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputError) as info:
+        ckio.atomic_torch_save({"x": torch.zeros(2)}, last)
+    assert str(info.value) == f"no space left on device while writing {last}; the previous checkpoint is intact"
+    monkeypatch.undo()
+    assert torch.equal(torch.load(last, weights_only=True)["x"], torch.ones(2))
+    assert [f.name for f in last.parent.iterdir()] == ["last.pt"]  # no temp file left
+
+    def enospc(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"no space left on device while writing .*metrics.csv$"):
+        ckio.atomic_write(tmp_path / "metrics.csv", enospc)
+
+
+def test_stale_temp_files_are_recognised(tmp_path):
+    from ddetr_cli.checkpoints.io import remove_stale_temps
+
+    for name in (".last.pt.k2j_x9a1.tmp", ".best.pt.abcdefgh.tmp", "keep.tmp", ".hidden", "last.pt"):
+        (tmp_path / name).write_text("x")
+    removed = sorted(p.name for p in remove_stale_temps(tmp_path))
+    assert removed == [".best.pt.abcdefgh.tmp", ".last.pt.k2j_x9a1.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "keep.tmp", "last.pt"]
+
+
+# ---------------------------------------------------------- one-line errors
+
+
+def _small_cfg(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "small.yaml"
+    p.write_text("train:\n  min_scale: 48\n  scale_step: 16\n  max_size: 80\n  eval_size: 64\n  eval_max_size: 80\n"
+                 "  crop: false\n" + extra)
+    return p
+
+
+@pytest.mark.parametrize("section,needle", [
+    ("model:\n  num_queries: \"50\"\n", "num_queries: expected an integer, got '50'"),
+    ("model:\n  d_model: huge\n", "d_model: expected an integer, got 'huge'"),
+    ("model:\n  two_stage: 3\n", "two_stage: expected true or false"),
+])
+def test_typed_model_values_are_one_line_errors(shapes, tmp_path, section, needle):
+    r = _cli(["train", str(shapes), "--max-iters", "1", "--workers", "0", "--out", str(tmp_path / "run"),
+              "--config", str(_write(tmp_path / "c.yaml", section))])
+    assert r.exit_code != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_empty_crop_scales_is_one_line_error(shapes, tmp_path):
+    r = _cli(["train", str(shapes), "--max-iters", "1", "--workers", "0", "--out", str(tmp_path / "run"),
+              "--config", str(_write(tmp_path / "c.yaml", "train:\n  crop: true\n  crop_scales: []\n"))])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code != 0 and len(lines) == 1 and "crop_scales" in lines[0] and "at least one size" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_safetensors_sidecar_with_string_values_is_one_line_error(tmp_path):
+    from ddetr_cli.checkpoints import load_model, save_model
+    from ddetr_cli.checkpoints.native import sidecar_path
+    from ddetr_cli.errors import CheckpointError
+
+    st = save_model(_tiny_model(), tmp_path / "m.safetensors")
+    side = sidecar_path(st)
+    meta = json.loads(side.read_text())
+    meta["model_config"]["num_queries"] = "50"
+    side.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"m\.(json|safetensors).*num_queries: expected an integer") as info:
+        load_model(st)
+    assert "\n" not in str(info.value)

@@ -313,7 +313,7 @@ class Trainer:
         if self.info.is_main and result is not None:
             row.update(dict(zip(STAT_NAMES[:6], result.stats[:6])))
             ap = result.stats[0]
-            if ap > self.best_ap:
+            if ap > self.best_ap or not self.coco_val.getAnnIds():  # no ground truth: keep the latest
                 self.best_ap = ap
                 self._save_best(self.ema.module if self.ema is not None else self.model, ap)
         self.best_ap = dist_utils.broadcast_object(self.best_ap)

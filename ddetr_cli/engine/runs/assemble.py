@@ -139,9 +139,11 @@ def transfer_weights(model, state: dict, src_category_ids: list[int] | None, src
     if rows is not None and rows != list(range(src_num_classes)):
         notes.append(f"class head: {src_num_classes} -> {len(dst_category_ids)} classes, rows taken by category id")
     if reinit_head:
+        why = ("its category ids do not cover the dataset's" if src_category_ids is not None
+               else "no category ids to map them by")
         notes.append(
             f"class head re-initialised: checkpoint has {src_num_classes} classes, dataset has {len(dst_category_ids)} "
-            "(no category ids to map them by)"
+            f"({why})"
         )
     if skipped:
         notes.append(f"{len(skipped)} tensor(s) with other shapes not loaded (e.g. {skipped[0]})")
@@ -190,7 +192,12 @@ def check_scans(ds: Datasets, train_scan, val_scan, warn: Callable[[str], None])
     for split, d, report in (("train", ds.train, train_scan), ("val", ds.val, val_scan)):
         if report.missing_files and report.missing_files >= len(d):
             raise DatasetError(f"{d.images_dir}: none of the {len(d)} images listed in {d.annotation_file} exist")
+        if report.missing_files + report.unreadable_skipped >= len(d):
+            raise DatasetError(f"{d.images_dir}: none of the {len(d)} images listed in {d.annotation_file} can be read")
         for problem in report.problems:
             warn(f"{split}: {problem}")
     if len(ds.train.coco.getAnnIds()) == 0:
         raise DatasetError(f"{ds.train.annotation_file}: the training split has no annotations")
+    if len(ds.val.coco.getAnnIds()) == 0:
+        warn(f"val: {ds.val.annotation_file} has images but no annotations: AP cannot be measured; "
+             "best.pt follows the latest validated weights")
