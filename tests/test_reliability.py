@@ -360,3 +360,274 @@ def test_safetensors_sidecar_with_string_values_is_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"m\.(json|safetensors).*num_queries: expected an integer") as info:
         load_model(st)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _cfg(shapes: Path, **kw):
+    from ddetr_cli.engine.config import TrainConfig
+
+    base = dict(model="tiny", epochs=2, batch_size=4, workers=0, imgsz=64, min_scale=48, scale_step=16, max_size=80,
+                eval_size=64, eval_max_size=80, crop=False, lr=2e-4, lr_drop=1, warmup_iters=2, ema=True, ema_warmup=5,
+                data=str(shapes), seed=3, eval_every=1)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def _trainer(cfg, run_dir: Path, resume: dict | None = None, garble_rng: bool = True):
+    from ddetr_cli.engine.run_train import build_trainer
+
+    if garble_rng:
+        torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # whatever the caller's RNG holds
+    return build_trainer(cfg, run_dir, torch.device("cpu"), ckpt=resume)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader((run_dir / "metrics.csv").read_text().splitlines()))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_reproduces_a_run_bitwise(shapes, tmp_path, one_thread):
+    states = []
+    for i in range(2):
+        t = _trainer(_cfg(shapes, max_iters=3, ema=False), tmp_path / f"r{i}")
+        t.fit()
+        states.append({k: v.clone() for k, v in t.model.state_dict().items()})
+    assert _same(*states)
+    other = _trainer(_cfg(shapes, max_iters=1, ema=False, seed=4), tmp_path / "r9")
+    assert not _same(states[0], other.model.state_dict())  # the seed decides the initialisation
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_and_resume_equals_uninterrupted(shapes, tmp_path, one_thread, signame):
+    import signal
+
+    from ddetr_cli.engine.loops.train import TrainingInterrupted
+    from ddetr_cli.engine.report.progress import Reporter
+    from ddetr_cli.engine.runs.checkpoint import load_train_checkpoint
+
+    full = _trainer(_cfg(shapes, epochs=1), tmp_path / "full")
+    full.fit()
+
+    class SignalAfterFirstStep(Reporter):
+        def step(self, values):
+            os.kill(os.getpid(), getattr(signal, signame))
+
+    t = _trainer(_cfg(shapes, epochs=1), tmp_path / "cut")
+    t.reporter = SignalAfterFirstStep()
+    with pytest.raises(TrainingInterrupted) as info:
+        t.fit()
+    assert info.value.signal_name == signame
+    assert signal.getsignal(getattr(signal, signame)) is signal.SIG_DFL  # handlers restored
+    ckpt = load_train_checkpoint(tmp_path / "cut" / "weights" / "last.pt")
+    assert ckpt["global_step"] == 1 and ckpt["step_in_epoch"] == 1
+    rest = _trainer(_cfg(shapes, epochs=1), tmp_path / "cut", resume=ckpt)
+    rest.fit()
+    assert _same(rest.model.state_dict(), full.model.state_dict())
+    assert _rows(tmp_path / "cut") == [{**r, "time": _rows(tmp_path / "cut")[0]["time"]} for r in _rows(tmp_path / "full")]
+
+
+def test_kill_between_last_step_save_and_epoch_end_leaves_whole_rows(shapes, tmp_path, one_thread):
+    """save_every == iterations per epoch: last.pt of the epoch's last step, then a kill before the
+    epoch-end save. The resumed run's metrics row has every loss column, equal to an uninterrupted run's."""
+    from ddetr_cli.engine.loops.train import Trainer
+    from ddetr_cli.engine.runs.checkpoint import load_train_checkpoint
+
+    full = _trainer(_cfg(shapes, epochs=1, save_every_iters=2), tmp_path / "full")
+    full.fit()
+
+    class Killed(BaseException):
+        pass
+
+    t = _trainer(_cfg(shapes, epochs=1, save_every_iters=2), tmp_path / "cut")
+
+    def die(row):
+        raise Killed
+
+    t._validate_and_keep_best = die
+    with pytest.raises(Killed):
+        t.fit()
+    weights = tmp_path / "cut" / "weights"
+    (weights / ".last.pt.ab12cd34.tmp").write_bytes(b"half a checkpoint")  # what a kill -9 mid-save leaves
+    (tmp_path / "cut" / "metrics.csv").write_text("epoch,loss\n1,\n")  # and a row of an older version
+    ckpt = load_train_checkpoint(weights / "last.pt")
+    assert ckpt["step_in_epoch"] == 2 and ckpt["epoch"] == 0
+    rest = _trainer(_cfg(shapes, epochs=1, save_every_iters=2), tmp_path / "cut", resume=ckpt)
+    assert isinstance(rest, Trainer)
+    rest.fit()
+    assert sorted(p.name for p in weights.iterdir()) == ["best.pt", "last.pt"]
+    cut, ref = _rows(tmp_path / "cut"), _rows(tmp_path / "full")
+    assert len(cut) == 1 and all(cut[0][k] != "" for k in ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr", "AP"))
+    assert {k: v for k, v in cut[0].items() if k != "time"} == {k: v for k, v in ref[0].items() if k != "time"}
+
+
+def test_val_split_without_annotations_warns_and_still_writes_best(shapes, tmp_path):
+    from ddetr_cli.engine.run_train import run_training
+
+    root = tmp_path / "noann"
+    shutil.copytree(shapes.parent, root)
+    from ddetr_cli.data import load_dataset_config
+
+    val = Path(load_dataset_config(str(root / shapes.name)).split("val").annotations)
+    doc = json.loads(val.read_text())
+    doc["annotations"] = []
+    val.write_text(json.dumps(doc))
+    warnings: list[str] = []
+    out = tmp_path / "run"
+    run_training(str(root / shapes.name), config_path=_small_cfg(tmp_path), warn=warnings.append, log=lambda m: None,
+                 overrides={"max_iters": 1, "workers": 0, "batch_size": 4, "out": str(out), "device": "cpu"})
+    assert any("no annotations" in w and "best.pt" in w for w in warnings), warnings
+    assert (out / "weights" / "best.pt").is_file()
+
+
+# ---------------------------------------------------------- fault injection
+
+
+def _train_proc(args: list[str], env: dict, err: Path):
+    """``ddetr train ARGS`` in a child process, its stderr going to ``err``."""
+    import subprocess
+    import sys
+
+    with open(err, "w") as fh:
+        return subprocess.Popen([sys.executable, "-m", "ddetr_cli", "train", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=fh)
+
+
+def _claimed_by(run: Path, pid: int) -> bool:
+    try:
+        return (run / ".ddetr-run").read_text().split()[1] == str(pid)
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow  # five short training processes: about 40 s on 2 cores
+def test_fault_injection_kill_and_sigterm_then_resume(shapes, tmp_path):
+    """A tiny run killed at random points (kill -9 and SIGTERM), resumed each time: last.pt always loads,
+    no temp file remains, metrics.csv has one whole row per epoch, and the final weights equal an
+    uninterrupted run's, bit for bit. The schedule is seeded (DDETR_FAULT_SEED) so a failure reproduces."""
+    import random
+    import signal
+    import time
+
+    from ddetr_cli.checkpoints.io import safe_torch_load
+
+    seed = int(os.environ.get("DDETR_FAULT_SEED", "12"))
+    rng = random.Random(seed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cfg = _small_cfg(tmp_path)
+    common = ["--model", "tiny", "--imgsz", "64", "--epochs", "2", "--batch-size", "4", "--workers", "0",
+              "--save-every", "2", "--config", str(cfg)]
+
+    t0 = time.perf_counter()
+    err_file = tmp_path / "stderr.txt"
+    ref = _train_proc([str(shapes), *common, "--out", str(tmp_path / "ref")], env, err_file)
+    while not (tmp_path / "ref" / "weights").is_dir() and ref.poll() is None:
+        time.sleep(0.02)
+    t1 = time.perf_counter()
+    assert ref.wait(timeout=300) == 0, err_file.read_text()
+    span, train_span = time.perf_counter() - t0, time.perf_counter() - t1  # whole run; from the training's start
+
+    run = tmp_path / "run"
+    last = run / "weights" / "last.pt"
+    faults = ["SIGTERM", "kill", "kill"]
+    log = []
+    for fault in faults:
+        args = ["--resume", str(run)] if last.exists() else [str(shapes), *common, "--out", str(run)]
+        proc = _train_proc(args, env, err_file)
+        if fault == "SIGTERM":  # once this process has claimed the run folder (a signal during interpreter
+            deadline = time.perf_counter() + 120  # start-up, before ddetr runs, kills it like kill -9 would)
+            while not _claimed_by(run, proc.pid) and proc.poll() is None and time.perf_counter() < deadline:
+                time.sleep(0.02)
+        delay = rng.uniform(0.0, (train_span if fault == "SIGTERM" else span) * 0.9)
+        try:
+            proc.wait(timeout=delay)
+        except Exception:  # still running: the fault
+            proc.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        err = err_file.read_text()
+        log.append((fault, round(delay, 2), code))
+        if code == 143:  # SIGTERM: a one-line message with the resume command
+            assert "ddetr train --resume" in err and "Traceback" not in err, err
+        if last.exists():
+            state = safe_torch_load(last)  # always loads
+        finished = last.exists() and state["epoch"] >= 2
+        assert code in (0, 143, -9), (log, err)
+        if finished:
+            break
+    while True:  # resume to the end
+        if last.exists() and safe_torch_load(last)["epoch"] >= 2:
+            break
+        args = ["--resume", str(run)] if last.exists() else [str(shapes), *common, "--out", str(run)]
+        proc = _train_proc(args, env, err_file)
+        assert proc.wait(timeout=300) == 0, (log, err_file.read_text())
+
+    print("faults (kind, delay s, exit code):", log)
+    leftovers = [p.name for p in run.rglob("*") if p.name.endswith(".tmp") or p.name == ".ddetr-run"]
+    assert leftovers == [], (log, leftovers)
+    rows = _rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"], (log, rows)
+    assert all(r[k] != "" for r in rows for k in ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr", "AP")), rows
+    got, want = safe_torch_load(last), safe_torch_load(tmp_path / "ref" / "weights" / "last.pt")
+    assert got["global_step"] == want["global_step"] == 4
+    assert _same(got["model"], want["model"]), log
+    assert _same(got["ema"]["model"], want["ema"]["model"]), log
+
+
+def test_slurm_script_stops_training_and_requeues_on_preemption(tmp_path):
+    """scripts/slurm_train.sh with stand-ins for srun / scontrol / ddetr: SIGUSR1 (SLURM's --signal) makes it
+    SIGTERM the training, wait for it and requeue the job; a requeued job continues with --resume."""
+    import signal
+    import subprocess
+    import time
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_train.sh"
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stubs = {
+        "scontrol": f'echo "scontrol $*" >> {log}; [ "$1" = show ] && echo localhost; exit 0',
+        "srun": f'echo "srun $*" >> {log}; trap \'echo "train got TERM" >> {log}; exit 143\' TERM; '
+                f'echo started >> {log}; while true; do sleep 0.05; done',
+        "ddetr": "exit 0",
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1",
+           "GPUS_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.Popen(["bash", str(script), "data.yaml", "--epochs", "3"], env=env, cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (log.exists() and "started" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    calls = log.read_text()
+    assert proc.returncode == 0, err
+    assert f"train data.yaml --epochs 3 --out {tmp_path / 'run'}" in calls
+    assert "train got TERM" in calls and "scontrol requeue 77" in calls, calls
+    assert calls.index("train got TERM") < calls.index("scontrol requeue 77")  # saved before the requeue
+
+    (tmp_path / "run" / "weights").mkdir(parents=True)
+    (tmp_path / "run" / "weights" / "last.pt").write_bytes(b"x")
+    log.write_text("")
+    proc = subprocess.Popen(["bash", str(script), "data.yaml", "--epochs", "3"], env=env, cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    while "started" not in log.read_text() and time.time() < deadline + 30:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert f"train --resume {tmp_path / 'run'}" in log.read_text()

@@ -6,12 +6,18 @@ Inside ``with GracefulInterrupt(device):`` the first SIGINT (Ctrl-C), SIGTERM
 stops. A second signal raises KeyboardInterrupt at once. Under DDP the flag is
 OR-ed over processes so every rank stops at the same step and they agree on
 the save. Outside the main thread it does nothing.
+
+Outside the training loop (start-up, final evaluation) :func:`stop_signals_raise`
+turns SIGTERM / SIGUSR1 into :class:`StopSignal`, so a command can end with
+its own one-line message instead of being killed silently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -54,3 +60,29 @@ class GracefulInterrupt:
         t = torch.tensor([1.0 if self.flag else 0.0], device=self.device)
         dist_utils.all_reduce_sum(t)
         return bool(t.item() > 0)
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 outside the training loop (nothing to save there)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Inside: SIGTERM and SIGUSR1 raise :class:`StopSignal` (main thread only)."""
+    def _raise(signum, frame) -> None:
+        raise StopSignal(signal.Signals(signum).name)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            if sig != signal.SIGINT:
+                previous[sig] = signal.signal(sig, _raise)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
