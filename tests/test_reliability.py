@@ -631,3 +631,25 @@ def test_slurm_script_stops_training_and_requeues_on_preemption(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert f"train --resume {tmp_path / 'run'}" in log.read_text()
+
+
+def test_train_out_in_use_is_refused_and_a_dead_claim_is_taken_over(shapes, tmp_path):
+    import socket
+    import subprocess
+
+    from ddetr_cli.engine.run_train import run_training
+    from ddetr_cli.engine.runs.folders import CLAIM, allocate_run_dir, claim_run_dir, release_run_dir
+    from ddetr_cli.errors import RunError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    assert claim_run_dir(out)  # another run (this process) holds it
+    with pytest.raises(RunError, match="in use by another run"):
+        run_training(str(shapes), config_path=_small_cfg(tmp_path), log=lambda m: None, warn=lambda m: None,
+                     overrides={"max_iters": 1, "workers": 0, "out": str(out), "device": "cpu"})
+    release_run_dir(out)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / CLAIM).write_text(f"{socket.gethostname()} {dead.pid}\n")  # left by a killed run
+    assert allocate_run_dir(tmp_path, "exp") == tmp_path / "exp"
