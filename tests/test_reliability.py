@@ -653,3 +653,13 @@ def test_train_out_in_use_is_refused_and_a_dead_claim_is_taken_over(shapes, tmp_
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / CLAIM).write_text(f"{socket.gethostname()} {dead.pid}\n")  # left by a killed run
     assert allocate_run_dir(tmp_path, "exp") == tmp_path / "exp"
+
+
+def test_resume_from_a_checkpoint_without_metrics_rows_keeps_the_csv(shapes, tmp_path, one_thread):
+    from ddetr_cli.engine.runs.checkpoint import load_train_checkpoint
+
+    _trainer(_cfg(shapes, epochs=1, ema=False), tmp_path / "run").fit()
+    ckpt = load_train_checkpoint(tmp_path / "run" / "weights" / "last.pt")
+    del ckpt["metrics_rows"], ckpt["epoch_losses"]  # as written before these keys existed
+    _trainer(_cfg(shapes, epochs=2, ema=False), tmp_path / "run", resume=ckpt).fit()
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == ["1", "2"]

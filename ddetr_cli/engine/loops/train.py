@@ -83,6 +83,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # metrics rows, saved in last.pt (metrics.csv is rebuilt from them)
         self._sums: dict[str, float] = {}  # loss sums over the steps of this epoch so far (kept across a resume)
         self._count = 0
+        self._rows_from_ckpt: bool | None = None  # None: a new run; False: a checkpoint older than metrics_rows
         self._rng_resume: dict | None = None
         self._interrupt = GracefulInterrupt(self.device)
         self._drop_forced = False
@@ -194,7 +195,9 @@ class Trainer:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
             for folder in (self.run_dir, self.weights_dir):  # what a killed write left behind
                 remove_stale_temps(folder)
-            if getattr(self, "_rows_from_ckpt", False):
+            if self._rows_from_ckpt is False:  # an older checkpoint: keep the rows of metrics.csv
+                self.history = metrics.read()
+            elif self._rows_from_ckpt:
                 metrics.write(self.history)  # rows the checkpoint knows, whole; drops any written after it
         iters = self.sampler.batches_per_epoch()
         if iters == 0:

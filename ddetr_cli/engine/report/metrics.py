@@ -49,6 +49,12 @@ class MetricsLog:
         atomic_write_text(self.path, old + buf.getvalue())
         self._plot()
 
+    def read(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.csv`` (values as text), [] when there is none."""
+        if not self.path.is_file():
+            return []
+        return list(csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"))))
+
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Writes ``metrics.csv`` as exactly ``rows`` (header first), atomically."""
         buf = io.StringIO()
