@@ -663,3 +663,19 @@ def test_resume_from_a_checkpoint_without_metrics_rows_keeps_the_csv(shapes, tmp
     del ckpt["metrics_rows"], ckpt["epoch_losses"]  # as written before these keys existed
     _trainer(_cfg(shapes, epochs=2, ema=False), tmp_path / "run", resume=ckpt).fit()
     assert [r["epoch"] for r in _rows(tmp_path / "run")] == ["1", "2"]
+
+
+def test_eval_checks_the_coco_json_folder_before_inference(shapes, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from ddetr_cli.engine import run_evaluation
+    from ddetr_cli.errors import OutputError
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OutputError, match="cannot write .*dets.json: Read-only file system") as info:
+        run_evaluation(str(shapes), tmp_path / "missing-weights.pt", coco_json=tmp_path / "dets.json")
+    assert info.value.param == "coco_json"  # raised before the (missing) weights were even looked at

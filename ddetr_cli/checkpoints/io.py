@@ -84,6 +84,19 @@ def _output_error(path: Path, exc: BaseException) -> OutputError:
     return OutputError(f"cannot write {path}: {reason}{keep}")
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raises :class:`OutputError` unless a file can be written as ``path``
+    (its folder is created; a probe file is written there and removed)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+
+
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Removes the temp files an interrupted :func:`atomic_write` left in
     ``folder`` (``.NAME.XXXXXXXX.tmp``); returns what was removed."""

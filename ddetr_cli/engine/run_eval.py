@@ -76,6 +76,14 @@ def run_evaluation(
         raise DdetrError(f"must be >= 1, got {batch_size}", param="batch_size")
     log = log or _log.info
     reporter = reporter or NullReporter()
+    if coco_json:  # before any inference, not after it
+        from ..checkpoints.io import check_writable
+
+        try:
+            check_writable(coco_json)
+        except DdetrError as exc:
+            exc.param = "coco_json"
+            raise
     dc = load_dataset_config(data)
     sc = dc.split(split)
     dev = resolve_device(device)
