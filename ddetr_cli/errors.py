@@ -68,5 +68,10 @@ class RunError(DdetrError):
         self.usage = usage
 
 
+class OutputError(DdetrError):
+    """An output that cannot be written: a folder that is not writable, a full
+    disk. The message names the path; what was there before is kept."""
+
+
 class TrainingError(DdetrError):
     """Training cannot continue (diverged, out of memory, ...)."""

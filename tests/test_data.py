@@ -410,7 +410,8 @@ def test_coco_unreadable_image_is_skipped_and_counted(tmp_path, caplog):
         _, t = ds[1]
     assert ds.skipped == 4 and seen == ["2.png", "3.png"]  # warned once per file
     assert sum("skipping unreadable image" in r.message for r in caplog.records) == 2
-    assert ds.scan().unreadable_skipped == 4
+    scan = ds.scan()  # files, not read attempts: 2.png is unreadable, 3.png is missing
+    assert scan.unreadable_skipped == 1 and scan.missing_files == 1
 
 
 def test_coco_works_with_dataloader_workers(tmp_path):

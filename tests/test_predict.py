@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from ddetr_cli.data.sources import expand_sources, iter_sources
 from ddetr_cli.engine.loops.predict import Detection, summarize
-from ddetr_cli.engine.runs.folders import allocate_run_dir, split_out
+from ddetr_cli.engine.runs.folders import allocate_run_dir, release_run_dir, split_out
 from ddetr_cli.viz import PALETTE, draw_detections, plot_metrics
 
 NAMES = ["circle", "square", "triangle"]
@@ -68,9 +68,11 @@ def test_predict_run_folders(tmp_path):
     assert (a.name, b.name) == ("exp", "exp2")  # the same naming as train
     out = tmp_path / "mine"
     assert allocate_run_dir(*split_out(out)) == out
-    assert allocate_run_dir(*split_out(out)) == out  # still empty: reused
-    (out / "predictions.json").write_text("[]")
-    assert allocate_run_dir(*split_out(out)) == tmp_path / "mine2"
+    assert allocate_run_dir(*split_out(out)) == tmp_path / "mine2"  # claimed at once: never shared
+    release_run_dir(tmp_path / "mine2")  # nothing written: the folder goes
+    assert not (tmp_path / "mine2").exists()
+    release_run_dir(out)
+    assert allocate_run_dir(*split_out(out)) == out  # an empty, unclaimed folder is used as is
 
 
 def test_draw_detections_and_summary():

@@ -51,6 +51,9 @@ def command(app: App, data: str, weights: str, split: str, coco_json: str | None
         return
     result = ev.result
     tables = app.err if as_json else app.out
+    for message in result.unreadable:
+        app.warn(f"unreadable image scored with no detections: {message}")
+    tables.print(result.coverage, markup=False, highlight=False)
     tables.print(result.summary, markup=False, highlight=False)
     app.err.print(stats_table(result, title=f"COCO bbox — {split}"))
     table = Table(title="per-class AP@[.50:.95]", header_style="bold")
@@ -62,6 +65,7 @@ def command(app: App, data: str, weights: str, split: str, coco_json: str | None
     tables.print(table)
     if as_json:
         per_class = {ev.class_names.get(c, str(c)): (None if ap < 0 else ap) for c, ap in result.per_class.items()}
-        click.echo(json.dumps({"split": split, **dict(zip(STAT_NAMES, result.stats)), "per_class": per_class}, indent=1))
+        click.echo(json.dumps({"split": split, "images": result.num_images, "unreadable": len(result.unreadable),
+                               **dict(zip(STAT_NAMES, result.stats)), "per_class": per_class}, indent=1))
     if ev.json_path is not None:
         app.info(f"wrote {len(result.detections)} detections to {ev.json_path}")

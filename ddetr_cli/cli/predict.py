@@ -53,6 +53,11 @@ class _Lines:
         self.lines.print(f"{escape(name)}: {n} detection{'s' if n != 1 else ''}{escape(summary)} {rec.ms:.1f} ms",
                          highlight=False, soft_wrap=True)  # fmt: skip
 
+    def warn(self, message: str) -> None:
+        from rich.markup import escape
+
+        self.app.warn(escape(message))
+
     def predict_error(self, message: str) -> None:
         from rich.markup import escape
 
@@ -117,6 +122,8 @@ def command(app: App, sources: tuple[str, ...], weights: str | None, as_json: bo
         s = result.speed_ms
         _info(app, f"Speed: {s['preprocess']:.1f} ms preprocess, {s['inference']:.1f} ms inference, "
                  f"{s['postprocess']:.1f} ms postprocess per image at imgsz {result.imgsz} on {result.device}")  # fmt: skip
+    if result.run_dir is None:
+        raise click.ClickException(f"none of the {len(result.failed)} input(s) could be read (see above); nothing saved")
     saved = ["predictions.json"]
     if result.coco_json is not None:
         saved.append("results_coco.json")

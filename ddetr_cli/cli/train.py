@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,12 @@ def command(app: App, data: str | None, config_path: str | None, resume: str | N
     scripts/torchrun_train.sh 8 coco.yaml --batch-size 4    # 8 GPUs, one node
     """
     from ..engine.loops.train import TrainingInterrupted
+    from ..engine.parts.interrupt import StopSignal, stop_signals_raise
     from ..engine.report.progress import RichReporter
     from ..engine.run_train import run_training
 
     try:
-        with user_errors():
+        with stop_signals_raise(), user_errors():
             result = run_training(
                 data, config_path=config_path, resume=resume, overrides=overrides,
                 reporter=RichReporter(app.err, interactive=app.interactive, quiet=app.quiet),
@@ -62,7 +64,16 @@ def command(app: App, data: str | None, config_path: str | None, resume: str | N
             )  # fmt: skip
     except TrainingInterrupted as exc:
         run_dir = exc.checkpoint.parent.parent
-        raise click.ClickException(f"interrupted: saved {exc.checkpoint}; continue with: ddetr train --resume {run_dir}") from None
+        stop = click.ClickException(f"interrupted ({exc.signal_name}): saved {exc.checkpoint}; "
+                                    f"continue with: ddetr train --resume {run_dir}")
+        if exc.signal_name != "SIGINT":  # preempted: 128 + the signal number, as a shell reports a signal
+            stop.exit_code = 128 + int(getattr(signal, exc.signal_name, signal.SIGTERM))
+        raise stop from None
+    except StopSignal as exc:
+        stop = click.ClickException(f"stopped by {exc.signal_name} outside the training steps; nothing was lost since the "
+                                    f"last checkpoint; continue with: ddetr train --resume {resume or 'RUN_DIR'}")
+        stop.exit_code = 128 + int(getattr(signal, exc.signal_name))
+        raise stop from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted (nothing saved since the last checkpoint); continue with: ddetr train --resume RUN_DIR") from None
     if result is None:  # not rank 0

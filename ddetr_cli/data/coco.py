@@ -8,9 +8,14 @@ indices, and yields ``(image [3, H, W] float32, target)`` pairs.
 Training targets drop crowd boxes and boxes that are empty after clipping to
 the image; the pycocotools ``COCO`` object (``dataset.coco``) keeps every
 annotation, crowd included, for evaluation. Images without annotations are
-kept as negatives. An image file that cannot be read is skipped (the next
-readable index is returned), counted in ``dataset.skipped`` and reported once
-per file through the ``ddetr_cli.data.coco`` logger and ``on_skip``.
+kept as negatives. An image file that cannot be read is reported once per
+file through the ``ddetr_cli.data.coco`` logger and ``on_skip`` and counted in
+``dataset.skipped``. For training the next readable index is returned instead
+(a batch keeps its size); with ``mark_unreadable`` (evaluation) the item is
+``(None, {"image_id", "file_name", "unreadable": reason})``, never another
+image: :func:`~.transforms.collate_eval` keeps it out of the batch, so the
+image gets no detections and is named in the result. ``scan()`` counts the
+files that are not images by their first bytes, before anything is decoded.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
-from .images import ImageReadError, read_image
+from .images import ImageReadError, looks_like_image, read_image
 from .transforms import ToTensorNormalize
 
 logger = logging.getLogger(__name__)
@@ -54,7 +59,8 @@ class ScanReport:
     duplicate_annotation_ids: int = 0
     unknown_image_refs: int = 0
     unknown_category_refs: int = 0
-    unreadable_skipped: int = 0
+    unreadable_skipped: int = 0  # files that are not images by their header (plus any skipped so far)
+    unreadable_examples: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -71,7 +77,8 @@ class ScanReport:
         if self.unknown_category_refs:
             out.append(f"{self.unknown_category_refs} annotation(s) with unknown category ids")
         if self.unreadable_skipped:
-            out.append(f"{self.unreadable_skipped} unreadable image(s) skipped")
+            examples = ", ".join(self.unreadable_examples[:3])
+            out.append(f"{self.unreadable_skipped} unreadable image file(s) (e.g. {examples})")
         return out
 
     def as_rows(self) -> list[tuple[str, str]]:
@@ -89,7 +96,7 @@ class ScanReport:
             ("duplicate annotation ids", str(self.duplicate_annotation_ids)),
             ("unknown image refs", str(self.unknown_image_refs)),
             ("unknown category refs", str(self.unknown_category_refs)),
-            ("unreadable images skipped", str(self.unreadable_skipped)),
+            ("unreadable image files", str(self.unreadable_skipped)),
         ]
 
 
@@ -150,11 +157,13 @@ class CocoDetection(Dataset):
         *,
         strict: bool = True,
         on_skip: Callable[[Path, str], None] | None = None,
+        mark_unreadable: bool = False,
     ):
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
         self.transforms = transforms
         self.on_skip = on_skip
+        self.mark_unreadable = mark_unreadable
         self.skipped = 0
         self._warned: set[str] = set()
         if not self.images_dir.is_dir():
@@ -320,24 +329,38 @@ class CocoDetection(Dataset):
 
     # ------------------------------------------------------------------ scanning
     def scan(self) -> ScanReport:
-        """Counts (copied) plus a check that every image file exists."""
+        """Counts (copied) plus a check that every image file exists and starts
+        like an image (its first bytes; nothing is decoded)."""
         report = ScanReport(**{k: getattr(self._report, k) for k in self._report.__dataclass_fields__})
-        report.missing_examples = []
-        report.missing_files = 0
+        report.missing_examples, report.unreadable_examples = [], []
+        report.missing_files = report.unreadable_skipped = 0
         for r in self._records:
-            if not (self.images_dir / r.file_name).is_file():
+            path = self.images_dir / r.file_name
+            if not path.is_file():
                 report.missing_files += 1
                 if len(report.missing_examples) < 10:
                     report.missing_examples.append(r.file_name)
-        report.unreadable_skipped = self.skipped
+            elif not looks_like_image(path):
+                report.unreadable_skipped += 1
+                if len(report.unreadable_examples) < 10:
+                    report.unreadable_examples.append(r.file_name)
         return report
 
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, dict]:
         n = len(self._records)
+        if self.mark_unreadable:
+            path = self.image_path(index)
+            try:
+                image = read_image(path)  # [H, W, 3] uint8 RGB
+            except ImageReadError as exc:
+                self._note_skip(path, str(exc))
+                r = self._records[index]
+                return None, {"image_id": r.image_id, "file_name": r.file_name, "unreadable": str(exc)}
+            return self._make_item(index, image)
         for attempt in range(n):
             i = (index + attempt) % n
             path = self.image_path(i)

@@ -33,6 +33,23 @@ def is_video_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
+# First bytes of every format in IMAGE_SUFFIXES (TIFF in both byte orders; WebP is RIFF....WEBP).
+_SIGNATURES: tuple[bytes, ...] = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+def looks_like_image(path: str | os.PathLike) -> bool:
+    """True when the file starts like a JPEG, PNG, BMP, TIFF or WebP file (its
+    first 12 bytes; nothing is decoded). False for unreadable files."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return False
+    if head.startswith(b"RIFF"):
+        return head[8:12] == b"WEBP"
+    return any(head.startswith(sig) for sig in _SIGNATURES)
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decodes ``path`` -> uint8 [H, W, 3] RGB (EXIF orientation applied).
 

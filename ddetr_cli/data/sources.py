@@ -56,17 +56,25 @@ class SourceItem:
         return f"{self.path} frame {self.frame}" if self.is_video else str(self.path)
 
 
-def expand_sources(sources: Sequence[str]) -> list[SourceEntry]:
-    """Inputs -> entries: directories (sorted image files), globs (sorted image
-    and video files), plain files; a missing input or an empty glob/folder
-    gives an entry with an error."""
+def expand_sources(sources: Sequence[str], notes: list[str] | None = None) -> list[SourceEntry]:
+    """Inputs -> entries: directories (their sorted image and video files),
+    globs (sorted image and video files), plain files; a missing input or an
+    empty glob/folder gives an entry with an error. What a folder holds besides
+    (subfolders, other files) is not read, and ``notes`` gets one line saying so."""
     out: list[SourceEntry] = []
+    media = IMAGE_SUFFIXES | VIDEO_SUFFIXES
     for src in sources:
         p = Path(src).expanduser()
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            children = sorted(p.iterdir())
+            files = [f for f in children if f.is_file() and f.suffix.lower() in media]
+            subdirs = sum(1 for f in children if f.is_dir())
+            others = len(children) - len(files) - subdirs
+            if notes is not None and (subdirs or others):
+                parts = [f"{subdirs} subfolder(s)"] * bool(subdirs) + [f"{others} other file(s)"] * bool(others)
+                notes.append(f"{p}: {' and '.join(parts)} not read (only the folder's own image and video files are)")
             if not files:
-                out.append(SourceEntry(p, "folder contains no image files (" + ", ".join(sorted(IMAGE_SUFFIXES)) + ")"))
+                out.append(SourceEntry(p, "folder contains no image or video files (" + ", ".join(sorted(media)) + ")"))
             out.extend(SourceEntry(f) for f in files)
         elif p.exists():
             out.append(SourceEntry(p))

@@ -264,6 +264,17 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, t
     return padded, mask, list(targets)
 
 
+def collate_eval(batch: Sequence[tuple[torch.Tensor | None, dict]]):
+    """Evaluation collate_fn: :func:`collate` over the readable items, plus the
+    targets of the unreadable ones (image None, see ``CocoDetection.mark_unreadable``)
+    -> (images or None, padding_mask or None, targets, unreadable targets)."""
+    readable = [item for item in batch if item[0] is not None]
+    unreadable = [target for image, target in batch if image is None]
+    if not readable:
+        return None, None, [], unreadable
+    return (*collate(readable), unreadable)
+
+
 def preprocess(
     images: Sequence[np.ndarray], size: int = 800, max_size: int = 1333
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -111,6 +111,9 @@ class TrainConfig:
         need(self.time_limit is None or self.time_limit > 0, "time_limit", "must be > 0 minutes")
         need(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
         need(self.lr_drop is None or self.lr_drop >= 1, "lr_drop", "must be >= 1")
+        need(not self.crop or len(self.crop_scales) >= 1, "crop_scales", "needs at least one size (or set crop: false)")
+        need(all(v >= 1 for v in self.crop_scales), "crop_scales", f"sizes must be >= 1 (got {self.crop_scales})")
+        need(1 <= self.crop_min <= self.crop_max, "crop_min", f"must be in [1, crop_max] (got {self.crop_min}, {self.crop_max})")
         return self
 
 

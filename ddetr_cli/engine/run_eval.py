@@ -76,6 +76,14 @@ def run_evaluation(
         raise DdetrError(f"must be >= 1, got {batch_size}", param="batch_size")
     log = log or _log.info
     reporter = reporter or NullReporter()
+    if coco_json:  # before any inference, not after it
+        from ..checkpoints.io import check_writable
+
+        try:
+            check_writable(coco_json)
+        except DdetrError as exc:
+            exc.param = "coco_json"
+            raise
     dc = load_dataset_config(data)
     sc = dc.split(split)
     dev = resolve_device(device)
@@ -97,7 +105,7 @@ def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, in
     import torch
 
     from ..checkpoints.io import atomic_write_text
-    from ..data import CocoDetection, collate, make_eval_transforms
+    from ..data import CocoDetection, collate_eval, make_eval_transforms
     from .loops.evaluate import evaluate
     from .parts.amp import amp_dtype
     from .parts.labelmap import resolve_label_map
@@ -105,7 +113,7 @@ def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, in
 
     num_classes = int(model.config.num_classes)
     model_ids = getattr(model, "category_ids", None)
-    dataset = CocoDetection(sc.images, sc.annotations, make_eval_transforms(imgsz, max_size))
+    dataset = CocoDetection(sc.images, sc.annotations, make_eval_transforms(imgsz, max_size), mark_unreadable=True)
     if len(dataset) == 0:
         raise DatasetError(f"{sc.annotations}: the {split} split has no images")
     label_to_cat = resolve_label_map(num_classes, list(model_ids) if model_ids is not None else None,
@@ -113,7 +121,7 @@ def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, in
     model = model.eval()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-        collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=collate_eval, num_workers=workers, pin_memory=device.type == "cuda",
     )
     if info.is_main:
         log(f"evaluating {weights} on {split} ({len(dataset)} images, {imgsz}px, device {device})")

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoints.io import atomic_write_text
-from ..errors import CheckpointError, RunError
+from ..errors import CheckpointError, DdetrError, OutputError, RunError
 from .loops.predict import PredictResult, Predictor, predict_items
 from .loops.runner import ModelRunner, TorchRunner
 from .parts.device import resolve_device
 from .report.annotated import AnnotatedWriter
 from .report.progress import NullReporter, Reporter
-from .runs.folders import DEFAULT_NAME, allocate_run_dir, split_out
+from .runs.folders import DEFAULT_NAME, allocate_run_dir, release_run_dir, split_out
 
 WEIGHTS_HELP = (
     "ddetr never downloads weights at run time. Train your own with `ddetr train`, or download a "
@@ -87,23 +87,46 @@ def run_prediction(weights: str | Path | None, sources: Sequence[str], options: 
     :class:`~.loops.predict.PredictResult` (``run_dir``, ``records``, ``failed``
     (unreadable inputs, which do not stop the run), ``speed_ms``, ``imgsz``).
     ``reporter`` hears of every record and failure (``predict_*`` hooks).
-    Raises :class:`~ddetr_cli.errors.DdetrError` subclasses before predicting."""
+    Raises :class:`~ddetr_cli.errors.DdetrError` subclasses before predicting:
+    bad options or weights, no usable input (nothing is created then), a run
+    folder that cannot be written. The folder is claimed before the first
+    image; when no input could be read it is removed again (``run_dir`` None)."""
     from ..data import inference_size
-    from ..data.sources import count_items, expand_sources, iter_sources
+    from ..data.sources import expand_sources
 
     opts = options or PredictOptions()
     reporter = reporter or NullReporter()
+    if not 0.0 <= opts.conf <= 1.0:  # also refuses NaN
+        raise DdetrError(f"must be a number in [0, 1], got {opts.conf}", param="conf")
     device = resolve_device(opts.device)
     runner = load_runner(weights, device, backend=opts.backend, amp=opts.amp, cuda_graph=opts.cuda_graph)
     imgsz, max_size = inference_size(runner.input_size, opts.imgsz, opts.max_size)
     predictor = Predictor(runner, imgsz=imgsz, max_size=max_size, conf=opts.conf, top_k=opts.top_k,
                           batch_size=opts.batch_size)  # fmt: skip
-    entries = expand_sources(list(sources))
+    notes: list[str] = []
+    entries = expand_sources(list(sources), notes=notes)
+    for note in notes:
+        reporter.warn(note)
+    if all(entry.error is not None for entry in entries):
+        first = next(iter(entries), None)
+        detail = f": {first.path}: {first.error}" if first is not None else ""
+        raise RunError(f"nothing to predict{detail}", param="sources")
     project, name = split_out(opts.out) if opts.out is not None else (Path(opts.project), opts.name)
     try:
         run_dir = allocate_run_dir(project, name)
-    except OSError as exc:
-        raise RunError(f"cannot create the run folder: {exc}", param="out") from None
+    except OutputError as exc:
+        exc.param = "out" if opts.out is not None else "project"
+        raise
+    try:
+        return _predict(predictor, entries, opts, run_dir, imgsz, device, reporter)
+    finally:
+        release_run_dir(run_dir)  # the claim; the folder too if nothing was written
+
+
+def _predict(predictor: Predictor, entries, opts: PredictOptions, run_dir: Path, imgsz: int, device,
+             reporter: Reporter) -> PredictResult:
+    from ..data.sources import count_items, iter_sources
+
     result = PredictResult(run_dir=run_dir, imgsz=imgsz, device=str(device))
     writer = AnnotatedWriter(run_dir) if opts.viz else None
     reporter.predict_start(count_items(entries))
@@ -113,6 +136,9 @@ def run_prediction(weights: str | Path | None, sources: Sequence[str], options: 
         reporter.close()
         if writer is not None:
             writer.close()
+    if not result.records:  # every input unreadable: nothing to keep
+        result.run_dir = None
+        return result
     result.predictions_json = atomic_write_text(run_dir / "predictions.json", json.dumps(result.predictions(), indent=1))
     if opts.coco_json:
         result.coco_json = atomic_write_text(run_dir / "results_coco.json", json.dumps(result.coco_results()))

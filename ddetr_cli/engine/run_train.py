@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RunError, TrainConfigError
+from ..errors import OutputError, RunError, TrainConfigError
 from .config import TrainConfig, merge, resolve
 from .loops.train import Trainer, TrainResult
 from .parts import distributed
@@ -33,7 +33,8 @@ from .parts.device import resolve_device
 from .report.progress import Reporter
 from .runs.assemble import Datasets, build_datasets, build_model, check_scans
 from .runs.checkpoint import load_train_checkpoint
-from .runs.folders import allocate_run_dir
+from .runs.folders import CLAIM, allocate_run_dir, claim_run_dir, release_run_dir
+from .runs.rng import seed_everything
 
 if TYPE_CHECKING:
     from ..data import ScanReport
@@ -142,8 +143,6 @@ def _resolve_request(data: str | None, config_path: str | Path | None, resume: s
 
 def _train(cfg: TrainConfig, dc, ckpt: dict | None, run_dir: Path | None, device, info, *, model_explicit: bool,
            reporter, log, warn, show_scan) -> TrainResult | None:
-    from ..checkpoints.io import atomic_write_text
-
     main = info.is_main
     ds = build_datasets(cfg, dc)
     train_scan, val_scan = ds.train.scan(), ds.val.scan()
@@ -152,9 +151,22 @@ def _train(cfg: TrainConfig, dc, ckpt: dict | None, run_dir: Path | None, device
     check_scans(ds, train_scan, val_scan, warn)
     trainer = build_trainer(cfg, run_dir, device, datasets=ds, ckpt=ckpt, reporter=reporter, model_explicit=model_explicit,
                             log=log if main else _quiet, warn=warn if main else _quiet)  # fmt: skip
-    if run_dir is None:  # a new run: its folder, once everything else is known to work
+    if run_dir is None:  # a new run: its folder, claimed once everything else is known to work
         run_dir = _new_run_dir(cfg) if main else None
         trainer.run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
+    elif main:
+        _claim(run_dir)
+    try:
+        return _start(cfg, trainer, ckpt, device, info, log)
+    finally:
+        if main:
+            release_run_dir(trainer.run_dir)
+
+
+def _start(cfg: TrainConfig, trainer: Trainer, ckpt: dict | None, device, info, log) -> TrainResult | None:
+    from ..checkpoints.io import atomic_write_text
+
+    main = info.is_main
     if main:
         import yaml
 
@@ -166,6 +178,11 @@ def _train(cfg: TrainConfig, dc, ckpt: dict | None, run_dir: Path | None, device
             log(f"resuming from epoch {trainer.epoch}" + (f", iteration {trainer.step_in_epoch}" if trainer.step_in_epoch else ""))
     result = trainer.fit()
     return result if main else None
+
+
+def _claim(run_dir: Path) -> None:
+    if not claim_run_dir(run_dir):
+        raise RunError(f"{run_dir}: in use by another run (its {CLAIM} names the process)")
 
 
 def _quiet(message: str) -> None:
@@ -181,7 +198,11 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     if (run_dir / "weights" / "last.pt").exists():
         raise RunError(f"{run_dir}: already holds a run; continue it with `resume` {run_dir} or choose another `out`",
                        param="out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}", param="out") from None
+    _claim(run_dir)
     return run_dir
 
 
@@ -197,6 +218,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path | None, device, *, datasets: D
 
     log, warn = log or _log.info, warn or _log.warning
     ds = datasets or build_datasets(cfg, load_dataset_config(cfg.data))
+    seed_everything(cfg.seed)  # the model's initialisation follows `seed` (a resume loads its weights instead)
     model, notes = build_model(cfg, ds, ckpt, model_explicit=model_explicit)
     for note in notes:
         log(note) if note.startswith("fine-tuning") else warn(note)

@@ -109,16 +109,53 @@ class ModelConfig:
             raise ValueError(f"{source}: unknown model config key {unknown[0]!r}"
                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
         values = dict(data)
-        for key in ("backbone_depths", "backbone_channels"):
-            if values.get(key) is not None:
-                values[key] = [int(v) for v in values[key]]
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            values[key] = _typed(key, value, types[key], source)
         return cls(**values)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        types = {f.name: str(f.type) for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - set(types))
         if unknown:
             raise ValueError(f"model config: unknown key {unknown[0]!r}")
+        changes = {k: _typed(k, v, types[k], "model config") for k, v in changes.items()}
         return dataclasses.replace(copy.deepcopy(self), **changes)
+
+
+def _typed(key: str, value: Any, ftype: str, source: str) -> Any:
+    """``value`` checked against the field's annotation (bool, int, float, str,
+    lists of int, optional); a wrong type raises ValueError naming the key."""
+    if value is None:
+        if "None" in ftype:
+            return None
+        raise ValueError(f"{source}: {key}: must not be empty")
+    base = ftype.split("|")[0].strip()
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise bad("an integer")
+        return int(value)
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if base.startswith(("list[int]", "tuple[int")):
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise bad("a list of integers")
+        return [int(v) for v in value]
+    return value
 
 
 def apply_variant(cfg: ModelConfig, name: str) -> ModelConfig:

@@ -3,7 +3,9 @@
 Detections are decoded at each image's original size by
 :func:`ddetr_cli.models.postprocess` (top-k over queries x classes), mapped from contiguous class indices
 to the dataset's category ids, gathered across processes, and scored by
-pycocotools' COCOeval.
+pycocotools' COCOeval. An image the loader could not read (``collate_eval``
+batches) is scored with no detections and named in ``EvalResult.unreadable``;
+it is never replaced by another image.
 """
 
 from __future__ import annotations
@@ -29,9 +31,18 @@ class EvalResult:
     summary: str  # COCOeval.summarize() text, verbatim
     detections: list[dict] = field(default_factory=list)  # COCO results format
     num_images: int = 0
+    unreadable: list[str] = field(default_factory=list)  # one message per image scored without detections
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(STAT_NAMES, self.stats))
+
+    @property
+    def coverage(self) -> str:
+        """One line: how many images the numbers cover."""
+        line = f"COCO bbox over {self.num_images} image(s)"
+        if self.unreadable:
+            line += f", {len(self.unreadable)} of them unreadable (scored with no detections)"
+        return line
 
 
 def to_coco_results(
@@ -88,17 +99,28 @@ def run_inference(
     amp_dtype: torch.dtype | None = None,
     top_k: int = 100,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[list[dict], list[int]]:
-    """Runs the model over ``loader`` (batches of (images, padding_mask, targets))
-    on this process; returns (COCO results, image ids seen)."""
+) -> tuple[list[dict], list[int], list[str]]:
+    """Runs the model over ``loader`` (batches of (images, padding_mask, targets),
+    or of ``collate_eval``'s (images, padding_mask, targets, unreadable targets))
+    on this process; returns (COCO results, image ids seen, unreadable-image
+    messages). An unreadable image is seen, with no detections."""
     from ...models.postprocess import postprocess
 
     was_training = model.training
     model.eval()
     results: list[dict] = []
     seen: list[int] = []
+    unreadable: list[str] = []
     try:
-        for images, mask, targets in loader:
+        for batch in loader:
+            images, mask, targets = batch[:3]
+            for t in batch[3] if len(batch) > 3 else ():
+                seen.append(int(t["image_id"]))
+                unreadable.append(f"image id {t['image_id']}: {t['unreadable']}")
+            if images is None:  # every image of the batch unreadable
+                if on_batch is not None:
+                    on_batch(len(batch[3]))
+                continue
             images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = model(images, mask)
@@ -108,10 +130,10 @@ def run_inference(
                 seen.append(iid)
                 results.extend(to_coco_results(iid, det["scores"].cpu(), det["labels"].cpu(), det["boxes"].cpu(), label_to_cat))
             if on_batch is not None:
-                on_batch(len(targets))
+                on_batch(len(targets) + (len(batch[3]) if len(batch) > 3 else 0))
     finally:
         model.train(was_training)
-    return results, seen
+    return results, seen, unreadable
 
 
 def evaluate(
@@ -127,10 +149,13 @@ def evaluate(
 ) -> EvalResult | None:
     """Inference on every process, gather, COCOeval on rank 0. Returns the result
     on rank 0 and None on other ranks."""
-    results, seen = run_inference(model, loader, label_to_cat, device, amp_dtype=amp_dtype, top_k=top_k, on_batch=on_batch)
-    gathered = dist_utils.all_gather_object((results, seen))
+    results, seen, unreadable = run_inference(model, loader, label_to_cat, device, amp_dtype=amp_dtype, top_k=top_k,
+                                              on_batch=on_batch)  # fmt: skip
+    gathered = dist_utils.all_gather_object((results, seen, unreadable))
     if not dist_utils.is_main_process():
         return None
-    all_results = [r for part, _ in gathered for r in part]
-    all_seen = [i for _, ids in gathered for i in ids]
-    return coco_evaluate(coco_gt, all_results, all_seen)
+    all_results = [r for part, _, _ in gathered for r in part]
+    all_seen = [i for _, ids, _ in gathered for i in ids]
+    result = coco_evaluate(coco_gt, all_results, all_seen)
+    result.unreadable = [m for _, _, msgs in gathered for m in msgs]
+    return result

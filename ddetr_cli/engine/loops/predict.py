@@ -162,7 +162,7 @@ class ImageRecord:
 
 @dataclass
 class PredictResult:
-    run_dir: Path
+    run_dir: Path | None  # None when no input could be read (nothing was kept)
     imgsz: int = 0  # shorter side the images were resized to
     device: str = "cpu"
     records: list[ImageRecord] = field(default_factory=list)

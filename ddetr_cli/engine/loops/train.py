@@ -13,7 +13,6 @@ processes the augmentation of the remaining batches may differ).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from ...checkpoints.native import model_payload
-from ...data import collate
+from ...data import collate, collate_eval
 from ...errors import MatchingError, TrainingError
 from ..config import TrainConfig
 from ..parts import distributed as dist_utils
@@ -34,29 +33,11 @@ from ..parts.schedule import StepWarmupSchedule
 from ..report.metrics import LOSS_COLUMNS, STAT_NAMES, MetricsLog
 from ..report.progress import NullReporter, Reporter
 from ..runs.budget import TimeBudget, val_batches
-from ..runs.checkpoint import save_checkpoint
+from ..runs.checkpoint import remove_stale_temps, save_checkpoint
 from ..runs.rng import capture_rng_state, restore_rng_state, seed_everything, seed_worker
 from .evaluate import EvalResult, evaluate
+from .outcome import TrainingInterrupted, TrainResult
 from .step import build_criterion, move_targets, train_step
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, after ``last.pt`` was saved between two steps."""
-
-    def __init__(self, checkpoint: Path) -> None:
-        super().__init__(str(checkpoint))
-        self.checkpoint = checkpoint
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    epochs_done: int
-    global_step: int
-    best_ap: float
-    last_eval: EvalResult | None
-    stopped_early: str | None = None  # "time limit" | "max iters" | None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Trainer:
@@ -99,7 +80,10 @@ class Trainer:
         self.global_step = 0
         self.step_in_epoch = 0  # batches done in epoch `self.epoch` (mid-epoch resume)
         self.best_ap = -1.0
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # metrics rows, saved in last.pt (metrics.csv is rebuilt from them)
+        self._sums: dict[str, float] = {}  # loss sums over the steps of this epoch so far (kept across a resume)
+        self._count = 0
+        self._rows_from_ckpt: bool | None = None  # None: a new run; False: a checkpoint older than metrics_rows
         self._rng_resume: dict | None = None
         self._interrupt = GracefulInterrupt(self.device)
         self._drop_forced = False
@@ -129,6 +113,11 @@ class Trainer:
         rng = ckpt.get("rng")
         if self.step_in_epoch and isinstance(rng, dict):
             self._rng_resume = rng.get(str(self.info.rank), rng.get("0"))
+        running = ckpt.get("epoch_losses") or {}
+        if self.step_in_epoch and running:
+            self._sums, self._count = dict(running["sums"]), int(running["count"])
+        self._rows_from_ckpt = "metrics_rows" in ckpt
+        self.history = [dict(r) for r in ckpt.get("metrics_rows", [])]
 
     def _train_payload(self) -> dict[str, Any]:
         payload = model_payload(self.model)
@@ -141,6 +130,8 @@ class Trainer:
             global_step=self.global_step,
             step_in_epoch=self.step_in_epoch,
             best_ap=self.best_ap,
+            epoch_losses={"sums": dict(self._sums), "count": self._count},
+            metrics_rows=[dict(r) for r in self.history],
             rng={str(r): s for r, s in enumerate(dist_utils.all_gather_object(capture_rng_state()))},
             train_config=self.cfg.to_dict(),
         )
@@ -170,7 +161,7 @@ class Trainer:
     def _val_loader(self):
         sampler = ShardSampler(len(self.val_set), self.info.rank, self.info.world_size)
         return torch.utils.data.DataLoader(self.val_set, batch_size=max(1, self.cfg.batch_size), sampler=sampler,
-                                           collate_fn=collate, num_workers=self.cfg.workers,
+                                           collate_fn=collate_eval, num_workers=self.cfg.workers,
                                            pin_memory=self.device.type == "cuda")  # fmt: skip
 
     def validate(self) -> EvalResult | None:
@@ -202,6 +193,12 @@ class Trainer:
         metrics = MetricsLog(self.run_dir, plot=self.plot, warn=self.reporter.warn)
         if self.info.is_main:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.run_dir, self.weights_dir):  # what a killed write left behind
+                remove_stale_temps(folder)
+            if self._rows_from_ckpt is False:  # an older checkpoint: keep the rows of metrics.csv
+                self.history = metrics.read()
+            elif self._rows_from_ckpt:
+                metrics.write(self.history)  # rows the checkpoint knows, whole; drops any written after it
         iters = self.sampler.batches_per_epoch()
         if iters == 0:
             raise TrainingError(f"training set has {len(self.train_set)} images: fewer than one batch of {cfg.batch_size}")
@@ -224,10 +221,14 @@ class Trainer:
                 last_eval = self._validate_and_keep_best(row)
                 budget.note_eval(time.perf_counter() - t_eval)
             row["time"] = time.perf_counter() - epoch_t0
-            self.save_last()
+            self.history.append(row)
+            if epoch_finished:
+                self._sums, self._count = {}, 0
+            self.save_last()  # the row goes into last.pt first: a kill before metrics.csv is written loses nothing
             if self.info.is_main:
-                self.history.append(row)
-                metrics.append(row)
+                metrics.write(self.history)
+            if stopped is None and self.epoch < cfg.epochs and self._interrupt.requested():
+                raise TrainingInterrupted(self.weights_dir / "last.pt", self._interrupt.signal_name or "SIGINT")
         dist_utils.barrier()
         return TrainResult(self.run_dir, self.epoch, self.global_step, self.best_ap, last_eval, stopped, self.history)
 
@@ -241,8 +242,10 @@ class Trainer:
         else:
             self.step_in_epoch = 0
             seed_everything(cfg.seed + 1_000_003 * self.epoch + 7919 * self.info.rank)
+        if not self.step_in_epoch:
+            self._sums, self._count = {}, 0
         self.reporter.epoch_start(self.epoch, cfg.epochs, iters, self.step_in_epoch)
-        sums: dict[str, float] = {}
+        sums = self._sums
         count, data_time, stopped = 0, 0.0, None
         t_data = t_iter0 = time.perf_counter()
         self.model.train()
@@ -259,11 +262,12 @@ class Trainer:
             self.global_step += 1
             self.step_in_epoch += 1
             count += 1
+            self._count += 1
             values = {"loss": float(total), **{k: float(losses[k]) for k in LOSS_COLUMNS[1:] if k in losses}}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             now = time.perf_counter()
-            shown = {k: v / count for k, v in sums.items()}
+            shown = {k: v / self._count for k, v in sums.items()}
             shown.update(lr=lr, it_s=count / max(now - t_iter0, 1e-9), data_share=data_time / max(now - t_iter0, 1e-9))
             if self.device.type == "cuda":
                 shown["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -271,7 +275,7 @@ class Trainer:
             budget.note_steps((now - t_iter0 - data_time) / count)
             if self._interrupt.requested():
                 self.save_last()  # between steps: a consistent state
-                raise TrainingInterrupted(self.weights_dir / "last.pt")
+                raise TrainingInterrupted(self.weights_dir / "last.pt", self._interrupt.signal_name or "SIGINT")
             if cfg.save_every_iters and self.global_step % cfg.save_every_iters == 0:
                 self.save_last()
             if cfg.max_iters and self.global_step >= cfg.max_iters:
@@ -281,7 +285,7 @@ class Trainer:
             if stopped:
                 break
             t_data = time.perf_counter()
-        means = dist_utils.reduce_dict_mean({k: v / max(count, 1) for k, v in sums.items()}, self.device)
+        means = dist_utils.reduce_dict_mean({k: v / max(self._count, 1) for k, v in sums.items()}, self.device)
         return means, stopped
 
     def _step(self, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]):
@@ -312,7 +316,7 @@ class Trainer:
         if self.info.is_main and result is not None:
             row.update(dict(zip(STAT_NAMES[:6], result.stats[:6])))
             ap = result.stats[0]
-            if ap > self.best_ap:
+            if ap > self.best_ap or not self.coco_val.getAnnIds():  # no ground truth: keep the latest
                 self.best_ap = ap
                 self._save_best(self.ema.module if self.ema is not None else self.model, ap)
         self.best_ap = dist_utils.broadcast_object(self.best_ap)

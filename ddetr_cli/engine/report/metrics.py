@@ -1,6 +1,8 @@
 """The metrics log of a training run: one CSV row per epoch (losses, lr, the
 first six COCO numbers, time) in ``metrics.csv``, redrawn as ``results.png``
-after every row."""
+after every row. The training loop keeps the rows in ``last.pt`` and rewrites
+the whole file from them (:meth:`MetricsLog.write`), atomically: a kill never
+leaves a half row, and a resume drops rows written after its checkpoint."""
 
 from __future__ import annotations
 
@@ -45,6 +47,26 @@ class MetricsLog:
             writer.writeheader()
         writer.writerow({k: _fmt(row.get(k, "")) for k in CSV_COLUMNS})
         atomic_write_text(self.path, old + buf.getvalue())
+        self._plot()
+
+    def read(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.csv`` (values as text), [] when there is none."""
+        if not self.path.is_file():
+            return []
+        return list(csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"))))
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Writes ``metrics.csv`` as exactly ``rows`` (header first), atomically."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in CSV_COLUMNS})
+        atomic_write_text(self.path, buf.getvalue())
+        if rows:
+            self._plot()
+
+    def _plot(self) -> None:
         if self.plot_fn is not None:
             try:
                 self.plot_fn(self.path, self.png)

@@ -126,6 +126,9 @@ class RichReporter(Reporter):
         self.close()
         if result is None or self.quiet:
             return
+        for message in getattr(result, "unreadable", ()):
+            self.warn(f"unreadable image scored with no detections: {message}")
+        self.console.print(result.coverage, markup=False, highlight=False)
         self.console.print(result.summary, markup=False, highlight=False)
         self.console.print(stats_table(result))
 

@@ -90,7 +90,8 @@ def build_datasets(cfg: TrainConfig, dc) -> Datasets:
         raise DatasetError(f"{dc.train.annotations}: the training split has no images")
     if train.num_classes == 0:
         raise DatasetError(f"{dc.train.annotations}: the training split has no categories")
-    val = CocoDetection(dc.val.images, dc.val.annotations, make_eval_transforms(cfg.eval_size, cfg.eval_max_size), category_ids=list(train.category_ids))
+    val = CocoDetection(dc.val.images, dc.val.annotations, make_eval_transforms(cfg.eval_size, cfg.eval_max_size), category_ids=list(train.category_ids),
+                        mark_unreadable=True)
     if len(val) == 0:
         raise DatasetError(f"{dc.val.annotations}: the validation split has no images")
     names = list(dc.names) if dc.names else list(train.class_names)
@@ -138,9 +139,11 @@ def transfer_weights(model, state: dict, src_category_ids: list[int] | None, src
     if rows is not None and rows != list(range(src_num_classes)):
         notes.append(f"class head: {src_num_classes} -> {len(dst_category_ids)} classes, rows taken by category id")
     if reinit_head:
+        why = ("its category ids do not cover the dataset's" if src_category_ids is not None
+               else "no category ids to map them by")
         notes.append(
             f"class head re-initialised: checkpoint has {src_num_classes} classes, dataset has {len(dst_category_ids)} "
-            "(no category ids to map them by)"
+            f"({why})"
         )
     if skipped:
         notes.append(f"{len(skipped)} tensor(s) with other shapes not loaded (e.g. {skipped[0]})")
@@ -189,7 +192,12 @@ def check_scans(ds: Datasets, train_scan, val_scan, warn: Callable[[str], None])
     for split, d, report in (("train", ds.train, train_scan), ("val", ds.val, val_scan)):
         if report.missing_files and report.missing_files >= len(d):
             raise DatasetError(f"{d.images_dir}: none of the {len(d)} images listed in {d.annotation_file} exist")
+        if report.missing_files + report.unreadable_skipped >= len(d):
+            raise DatasetError(f"{d.images_dir}: none of the {len(d)} images listed in {d.annotation_file} can be read")
         for problem in report.problems:
             warn(f"{split}: {problem}")
     if len(ds.train.coco.getAnnIds()) == 0:
         raise DatasetError(f"{ds.train.annotation_file}: the training split has no annotations")
+    if len(ds.val.coco.getAnnIds()) == 0:
+        warn(f"val: {ds.val.annotation_file} has images but no annotations: AP cannot be measured; "
+             "best.pt follows the latest validated weights")

@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ...checkpoints.io import CheckpointError, atomic_torch_save, safe_torch_load
+from ...checkpoints.io import CheckpointError, atomic_torch_save, remove_stale_temps, safe_torch_load
+
+__all__ = ["TRAIN_KEYS", "load_train_checkpoint", "remove_stale_temps", "save_checkpoint"]
 
 TRAIN_KEYS = ("optimizer", "epoch", "global_step", "train_config")
 
