@@ -9,7 +9,8 @@ from .app import App, pass_app
 
 @click.command("eval")
 @click.argument("data")
-@click.option("--weights", required=True, type=click.Path(), help="Checkpoint: own, official Deformable DETR or Hugging Face.")
+@click.option("--weights", required=True, type=click.Path(), help="Checkpoint: own, official Deformable DETR, Hugging Face folder or hub id (owner/name[@rev]), "
+                   "short name (r50, r50-refine, r50-two-stage), or an exported .onnx (onnxruntime).")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the detections as COCO results JSON.")
 @click.option("--batch-size", "batch_size", type=int, default=2, show_default=True)

@@ -10,11 +10,9 @@ import click
 from .app import App, pass_app, resolve_device
 
 WEIGHTS_HELP = (
-    "ddetr never downloads weights at run time. Train your own with 'ddetr train', or download a "
-    "checkpoint yourself: official Deformable DETR weights are on the GitHub releases of "
-    "fundamentalvision/Deformable-DETR (e.g. r50_deformable_detr-checkpoint.pth), Hugging Face "
-    "weights are SenseTime/deformable-detr on the Hugging Face hub; then pass the file or folder "
-    "with --weights."
+    "Checkpoint: a ddetr .pt, an official .pth, a Hugging Face folder, an exported .onnx (run by onnxruntime), "
+    "a Hugging Face hub id (owner/name[@revision]) or a short name: r50, r50-refine, r50-two-stage "
+    "(the official COCO models, fetched into the Hugging Face cache). Default: r50-two-stage."
 )
 
 
@@ -23,16 +21,9 @@ def _info(app: App, message: str) -> None:
         app.err.print(message, highlight=False, soft_wrap=True)
 
 
-def _missing_weights(weights: str | None) -> click.ClickException:
-    if weights is None:
-        return click.ClickException(f"no --weights given. {WEIGHTS_HELP}")
-    return click.ClickException(f"weights {weights!r} not found. {WEIGHTS_HELP}")
-
-
 @click.command("predict")
 @click.argument("sources", nargs=-1, required=True)
-@click.option("-w", "--weights", default=None, metavar="PATH",
-              help="Checkpoint: a ddetr .pt, an official .pth, or a Hugging Face model folder.")
+@click.option("-w", "--weights", default=None, metavar="W", help=WEIGHTS_HELP)
 @click.option("--conf", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="Minimum score of a detection.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -75,26 +66,35 @@ def command(
 
     \b
     Examples:
+      ddetr predict photo.jpg --viz                 # the default COCO model (r50-two-stage)
       ddetr predict photo.jpg --weights runs/train/1/best.pt --viz
+      ddetr predict photo.jpg -w SenseTime/deformable-detr@main
+      ddetr predict photo.jpg -w model.onnx         # through onnxruntime
       ddetr predict 'data/*.png' clip.mp4 -w best.pt --conf 0.3 --json > preds.json
     """
     from rich.markup import escape
 
-    if weights is None or not Path(weights).expanduser().exists():
-        raise _missing_weights(weights)
     dev = resolve_device(device)
 
-    from ..checkpoints import CheckpointError, load_model
+    from ..checkpoints import DEFAULT_MODEL, CheckpointError
     from ..engine.predict import Predictor, count_items, expand_sources, fresh_run_dir, run_predict, summarize
+    from ..runtime import is_onnx, load_runner
 
+    if weights is None:
+        weights = DEFAULT_MODEL
+        _info(app, f"no --weights: using the default COCO model {DEFAULT_MODEL}")
     try:
-        model = load_model(weights, dev, msda_backend=None if backend == "auto" else backend)
+        model = load_runner(weights, dev, msda_backend=None if backend == "auto" else backend)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     except (ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise click.ClickException(f"{weights}: cannot load model ({first})") from None
 
+    _info(app, f"loaded {escape(model.source)}" + (" (onnxruntime)" if is_onnx(model) else ""))
+    if amp and is_onnx(model):
+        app.warn("--amp has no effect on an .onnx model (onnxruntime runs it in float32)")
+        amp = False
     from ..data import inference_size
 
     imgsz, max_size = inference_size(model.input_size, imgsz, max_size)

@@ -68,8 +68,8 @@ def run_evaluation(
     ``ImageReadError`` (data), ``CheckpointError``, :class:`~.device.DeviceError`,
     :class:`~.labelmap.ClassMismatchError`.
     """
-    from ..checkpoints import load_model
     from ..data import inference_size, load_dataset_config
+    from ..runtime import load_runner
 
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -82,7 +82,7 @@ def run_evaluation(
     info = distributed.init_distributed(dev)
     try:
         dev = distributed.device_for(info, dev)
-        model = load_model(weights)
+        model = load_runner(weights)  # a PyTorch model, or onnxruntime for an .onnx file
         imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
         return _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, dev, info, workers, amp,
                          json_out, reporter, log)
