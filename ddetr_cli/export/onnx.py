@@ -18,7 +18,9 @@ category ids and the preprocessing settings are stored in the model's metadata
 from __future__ import annotations
 
 import json
+import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +115,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, imgsz: tuple[int, in
             h = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
             w = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
             dynamic_shapes = {"images": {0: b, 2: h, 3: w}, "padding_mask": {0: b, 1: h, 2: w}}
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("torch.onnx", "torch.export", "onnxscript", "onnx_ir"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(_Graph(model), (images, mask), None, input_names=list(INPUTS),
                                         output_names=list(OUTPUTS), dynamic_shapes=dynamic_shapes, dynamo=True,
@@ -130,6 +132,20 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, imgsz: tuple[int, in
     import onnx
 
     return atomic_write(out, lambda tmp: onnx.save(proto, tmp))
+
+
+@contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter's own progress and optimizer notes (stdout/stderr noise) off."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _set_metadata(proto, meta: dict[str, str]) -> None:
