@@ -63,7 +63,8 @@ def _rows_table(title: str, rows: list[dict]):
     for c in cols:
         t.add_column(c, justify="left" if isinstance(rows[0][c], str) else "right")
     for r in rows:
-        t.add_row(*(_fmt(r.get(c), ".2f") if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
+        t.add_row(*(_fmt(r.get(c), ".2f") if isinstance(r.get(c), float) else "-" if r.get(c) is None else str(r[c])
+                    for c in cols))
     return t
 
 
@@ -82,11 +83,14 @@ def _rows_table(title: str, rows: list[dict]):
 @click.option("--train", "train_bench", is_flag=True, help="Training throughput (images/s) of R50 at the official recipe.")
 @click.option("--imgsz", type=(int, int), default=(800, 1066), show_default=True, help="--model/--train image size H W.")
 @click.option("--no-hf", is_flag=True, help="--model: skip Hugging Face transformers even when installed.")
+@click.option("-w", "--weights", default=None, metavar="W",
+              help="--model: time these weights (path, hub id or short name) instead of a random R50; "
+                   "an exported .onnx adds an onnxruntime row beside the random-weight R50 rows.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the figures as JSON to PATH ('-' for stdout).")
 @pass_app
 def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, no_torch, model_bench, train_bench,
-            imgsz, no_hf, json_path) -> None:
+            imgsz, no_hf, weights, json_path) -> None:
     """Time the native deformable-attention kernel against the PyTorch path.
 
     Reports medians over --repeats runs after --warmup runs, the speed-up and the
@@ -115,8 +119,19 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
         if model_bench:
             from ..bench.model import bench_model
 
+            model = onnx = None
+            if weights is not None:
+                from ..checkpoints import CheckpointError
+                from ..runtime import is_onnx, load_runner
+
+                try:
+                    runner = load_runner(weights, dev)
+                except CheckpointError as exc:
+                    raise click.ClickException(str(exc)) from None
+                onnx, model = (runner.path, None) if is_onnx(runner) else (None, runner)
             rows = bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=imgsz[0], width=imgsz[1],
-                               warmup=warmup, repeats=repeats, include_hf=not no_hf, progress=progress)
+                               warmup=warmup, repeats=repeats, include_hf=not no_hf, progress=progress,
+                               model=model, onnx=onnx)
             report["model"] = rows
         if train_bench:
             from ..bench.train import bench_train

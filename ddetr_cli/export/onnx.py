@@ -94,7 +94,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, imgsz: tuple[int, in
     """Writes ``model`` as an ONNX graph to ``out`` (atomically) and returns the path.
 
     ``imgsz`` (H, W): the traced input size; with ``dynamic=False`` the only size
-    the graph accepts. ``size`` / ``max_size``: the resize settings stored in the
+    the graph accepts (the batch stays dynamic). ``size`` / ``max_size``: the resize settings stored in the
     metadata (default: the model's training sizes, else 800 / 1333)."""
     from ..data import inference_size
 
@@ -109,9 +109,9 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, imgsz: tuple[int, in
     model.set_msda_backend("torch")  # the grid_sample path: portable, and what the exporter can trace
     try:
         images, mask = sample_batch(H, W)
-        dynamic_shapes = None
+        b = torch.export.Dim("batch", min=1, max=1024)  # the batch stays dynamic in a static graph too
+        dynamic_shapes = {"images": {0: b}, "padding_mask": {0: b}}
         if dynamic:
-            b = torch.export.Dim("batch", min=1, max=1024)
             h = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
             w = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
             dynamic_shapes = {"images": {0: b, 2: h, 3: w}, "padding_mask": {0: b, 1: h, 2: w}}

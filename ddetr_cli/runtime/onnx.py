@@ -42,7 +42,8 @@ class OnnxRunner:
 
     training = False
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", *, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", *, threads: int | None = None,
+                 denormals_as_zero: bool = False) -> None:
         ort = _onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
@@ -51,6 +52,8 @@ class OnnxRunner:
         opts.log_severity_level = 3  # errors only
         if threads:
             opts.intra_op_num_threads = int(threads)
+        if denormals_as_zero:  # as the PyTorch benchmark does (random weights produce denormals)
+            opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         providers = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -93,6 +96,10 @@ class OnnxRunner:
             padding_mask = torch.zeros((B, H, W), dtype=torch.bool)
         feed = {"images": np.ascontiguousarray(images.detach().float().cpu().numpy()),
                 "padding_mask": np.ascontiguousarray(padding_mask.detach().cpu().numpy().astype(bool))}
+        fixed = self.session.get_inputs()[0].shape[2:]
+        if all(isinstance(d, int) for d in fixed) and tuple(fixed) != (H, W):
+            raise ValueError(f"{self.path}: the graph was exported with a static size {fixed[0]}x{fixed[1]}, "
+                             f"got a batch of {H}x{W}; export with --dynamic (the default), or resize to that size")
         try:
             logits, boxes = self.session.run(["pred_logits", "pred_boxes"], feed)
         except Exception as exc:
