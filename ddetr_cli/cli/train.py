@@ -25,7 +25,7 @@ from .app import App, pass_app
 @click.option("--project", default=None, help="Parent folder of runs (default runs/train).")
 @click.option("--name", default=None, help="Run name under --project (exp, exp2, ... never overwritten).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Exact run folder (instead of --project/--name).")
-@click.option("--weights", default=None, type=click.Path(), help="Fine-tune from a checkpoint (own, official or Hugging Face).")
+@click.option("--weights", default=None, type=click.Path(), help="Fine-tune from a checkpoint (own, official, Hugging Face folder or hub id owner/name[@rev], or a short name: r50, r50-refine, r50-two-stage).")
 @click.option("--pretrained-backbone", "pretrained_backbone", default=None, type=click.Path(), help="torchvision ResNet weights (.pth) for the backbone.")
 @click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), default=None, help="Mixed precision.")
 @click.option("--ema/--no-ema", default=None, help="Keep an exponential moving average of the weights.")
