@@ -42,6 +42,20 @@ class CheckpointError(DdetrError):
     """A weights file that is missing, corrupt or of an unexpected layout."""
 
 
+class HubError(CheckpointError):
+    """Weights named by hub id or short name that could not be fetched or found
+    in the Hugging Face cache. One line naming the repository and how to get
+    the files by hand."""
+
+
+class OnnxRuntimeMissing(CheckpointError):
+    """An ``.onnx`` model was given but onnxruntime is not installed."""
+
+
+class ExportError(DdetrError):
+    """An export (or its onnxruntime self-check) that failed or cannot start."""
+
+
 class DeviceError(DdetrError):
     """The requested device does not exist here."""
 

@@ -8,6 +8,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 @pytest.fixture(autouse=True)
 def _isolate_cache(tmp_path_factory, monkeypatch):
-    """Generated datasets go to a per-session cache, never to the user's home."""
+    """Generated datasets and hub models go to per-session caches, never to the user's home."""
     cache = tmp_path_factory.getbasetemp() / "ddetr-cache"
     monkeypatch.setenv("DDETR_CACHE", str(cache))
+    # no test touches the network: an empty hub cache, offline (tests that need hub
+    # models build a cache of their own, see hub_cache.py)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hf-empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -161,7 +161,7 @@ def test_missing_file_says_where_weights_come_from(tmp_path):
         load_model(tmp_path / "r50_deformable_detr-checkpoint.pth")
     msg = str(info.value)
     assert "r50_deformable_detr-checkpoint.pth" in msg and "github.com/fundamentalvision/Deformable-DETR" in msg
-    assert "huggingface.co/SenseTime/deformable-detr" in msg and "never downloads" in msg
+    assert "huggingface.co/SenseTime/deformable-detr" in msg and "r50-two-stage" in msg
 
 
 def test_class_count_mismatch_lists_the_key(tmp_path):

@@ -219,9 +219,9 @@ def test_predict_missing_weights_and_bad_checkpoint(tmp_path):
     res = CliRunner().invoke(cli, ["predict", str(img), "-w", str(tmp_path / "nope.pt"), "--device", "cpu"])
     assert res.exit_code != 0
     assert "nope.pt" in res.output and "fundamentalvision/Deformable-DETR" in res.output
-    assert "SenseTime/deformable-detr" in res.output and "never downloads" in res.output
-    res = CliRunner().invoke(cli, ["predict", str(img), "--device", "cpu"])
-    assert res.exit_code != 0 and "'--weights'" in res.output and "no weights given" in res.output
+    assert "SenseTime/deformable-detr" in res.output and "r50-two-stage" in res.output
+    res = CliRunner().invoke(cli, ["predict", str(img), "--device", "cpu"])  # the default model; offline, empty cache
+    assert res.exit_code != 0 and "hf download SenseTime/deformable-detr-with-box-refine-two-stage" in res.output
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     res = CliRunner().invoke(cli, ["predict", str(img), "-w", str(junk), "--device", "cpu"])

@@ -97,7 +97,8 @@ def _hf_model(device: torch.device) -> nn.Module | None:
 
 def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1, height: int = 800,
                 width: int = 1066, warmup: int = 1, repeats: int = 3, include_hf: bool = True,
-                include_torch_op: bool = True, progress: Callable[[str], None] | None = None) -> list[dict]:
+                include_torch_op: bool = True, progress: Callable[[str], None] | None = None,
+                model: nn.Module | None = None, onnx: str | None = None) -> list[dict]:
     """Returns one row per case::
 
         {"name", "ms_per_img", "ratio", "ratio_vs", "backbone_ms", "encoder_ms", "decoder_ms",
@@ -105,7 +106,9 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
 
     ``ratio`` is reference time / this time (> 1: faster than the reference),
     the reference being HF when it ran, else our model with the torch op. The
-    split columns are per image too.
+    split columns are per image too. ``model``: time these weights instead of a
+    random R50. ``onnx``: also time this exported graph in onnxruntime (CPU, the
+    same thread count; whole-model time only).
     """
     from ..models import build_model, preset
 
@@ -136,7 +139,7 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         torch.manual_seed(0)
-        ours = build_model(preset("r50")).to(device).eval()
+        ours = (model if model is not None else build_model(preset("r50"))).to(device).eval()
         parts = {"backbone": ours.backbone, "encoder": ours.transformer.encoder, "decoder": ours.transformer.decoder}
 
         def run_ours() -> object:
@@ -159,6 +162,8 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
         del ours
 
         reference = "ddetr (torch op)" if include_torch_op else "ddetr (native op)"
+        if onnx is not None:
+            rows.append(_onnx_row(onnx, images, warmup, repeats, dtype, say))
         hf = _hf_model(device) if include_hf else None
         if hf is not None:
             say("transformers DeformableDetrForObjectDetection")
@@ -180,3 +185,25 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
         r["ratio"] = ref_ms / r["ms_per_img"]
         r["ratio_vs"] = reference
     return rows
+
+
+def _onnx_row(path, images: torch.Tensor, warmup: int, repeats: int, dtype: str, say: Callable[[str], None]) -> dict:
+    from ..runtime.onnx import OnnxRunner
+
+    say(f"onnxruntime {path}")
+    runner = OnnxRunner(path, threads=torch.get_num_threads(), denormals_as_zero=True)
+    batch, _, height, width = images.shape
+    cpu_images = images.float().cpu()
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    for _ in range(warmup):
+        runner(cpu_images, mask)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner(cpu_images, mask)
+        times.append((time.perf_counter() - t0) * 1e3)
+    total = statistics.median(times)
+    return {"name": f"onnxruntime {'+'.join(p.replace('ExecutionProvider', '') for p in runner.providers)}",
+            "ms_per_img": total / batch, "ratio": None, "ratio_vs": None, "backbone_ms": None, "encoder_ms": None,
+            "decoder_ms": None, "total_ms": total, "batch": batch, "height": height, "width": width,
+            "dtype": "float32", "device": "cpu"}

@@ -1,7 +1,10 @@
 """Model weights in every supported layout, and :func:`load_model`.
 
-Accepted sources (never downloaded: pass a local path):
+Accepted sources:
 
+* a short name (``r50``, ``r50-refine``, ``r50-two-stage``) or a Hugging Face
+  hub id ``owner/name[@revision]``: fetched into the Hugging Face cache by
+  :mod:`.hub` (``huggingface_hub``), then loaded as a Hugging Face directory;
 * a ddetr file: ``.pt``/``.pth`` payload or ``.safetensors`` + ``<stem>.json``
   (also training checkpoints, whose ``model`` weights are used);
 * an official Deformable DETR release ``.pth`` (``{"model", "args"}``);
@@ -18,26 +21,35 @@ from pathlib import Path
 
 import torch
 
+from ..errors import HubError
+from .hub import DEFAULT_MODEL, SHORT_NAMES, resolve
 from .huggingface import load_huggingface
 from .io import CheckpointError, safe_torch_load
 from .native import is_native_payload, load_safetensors_model, model_from_payload, model_payload, save_model
 from .official import HF_URL, OFFICIAL_URL, is_official_state_dict, load_official, official_allow_list
 from .torchvision import load_backbone_weights
 
-__all__ = ["CheckpointError", "load_backbone_weights", "load_model", "model_payload", "save_model"]
+__all__ = ["DEFAULT_MODEL", "SHORT_NAMES", "CheckpointError", "HubError", "load_backbone_weights", "load_model",
+           "model_payload", "resolve", "save_model"]
 
 
 def _missing_message(path: Path) -> str:
-    return (f"{path}: no such file or directory. ddetr never downloads weights at run time; get them first: "
-            f"official release .pth files from {OFFICIAL_URL}, Hugging Face directories from {HF_URL} "
-            f"(e.g. `huggingface-cli download SenseTime/deformable-detr --local-dir DIR`)")
+    return (f"{path}: no such file or directory. Pass a local file or folder, a short name "
+            f"({', '.join(SHORT_NAMES)}) or a Hugging Face hub id such as {SHORT_NAMES[DEFAULT_MODEL]}; "
+            f"official release .pth files are at {OFFICIAL_URL}, Hugging Face models at {HF_URL}")
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", *, msda_backend: str | None = None):
-    """The :class:`~ddetr_cli.models.DeformableDETR` stored at ``source``, on
-    ``device``, in eval mode. ``msda_backend`` (auto | native | torch) overrides
-    the stored choice. Raises :class:`CheckpointError` naming the file."""
-    path = Path(source).expanduser()
+    """The :class:`~ddetr_cli.models.DeformableDETR` stored at ``source`` (a path,
+    a short name or a hub id, see :func:`.hub.resolve`), on ``device``, in eval
+    mode. ``msda_backend`` (auto | native | torch) overrides the stored choice.
+    Raises :class:`CheckpointError` naming the file (:class:`HubError` for hub
+    models that could not be fetched)."""
+    path = resolve(source).path
+    if path.suffix == ".onnx" and path.is_file():
+        raise CheckpointError(f"{path}: an ONNX graph, not PyTorch weights; predict, eval and bench run it "
+                              "through onnxruntime (ddetr_cli.engine.run_predict.load_runner); training and export need "
+                              "PyTorch weights", param="weights")
     if not path.exists():
         raise CheckpointError(_missing_message(path))
     if path.is_dir():

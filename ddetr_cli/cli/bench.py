@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from . import options
 from .app import App, pass_app
 from .errors import user_errors
 
@@ -73,7 +74,8 @@ def _rows_table(title: str, rows: list[dict]):
         sample = next(r[c] for r in rows if c in r)
         t.add_column(c, justify="left" if isinstance(sample, str) else "right")
     for r in rows:
-        t.add_row(*(_fmt(r.get(c), ".2f") if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
+        t.add_row(*(_fmt(r.get(c), ".2f") if isinstance(r.get(c), float) else "-" if r.get(c) is None else str(r[c])
+                    for c in cols))
     return t
 
 
@@ -94,11 +96,13 @@ def _rows_table(title: str, rows: list[dict]):
 @click.option("--input-size", "input_size", type=(click.IntRange(16), click.IntRange(16)), default=(800, 1066),
               show_default=True, metavar="H W", help="--model/--train: the padded input batch, H W pixels.")
 @click.option("--no-hf", is_flag=True, help="--model/--train: skip Hugging Face transformers even when installed.")
+@options.weights("--model: time these weights instead of a random R50 (an exported .onnx adds an onnxruntime row "
+                 "beside the random-weight R50 rows)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the figures as JSON to PATH ('-' for stdout).")
 @pass_app
 def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, no_torch, model_bench, train_bench,
-            input_size, no_hf, json_path) -> None:
+            input_size, no_hf, weights, json_path) -> None:
     """Time the native deformable-attention kernel against the PyTorch path.
 
     Reports medians over --repeats runs after --warmup runs, the speed-up and the
@@ -130,9 +134,16 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
         if model_bench:
             from ..bench.model import bench_model
 
+            model = onnx = None
+            if weights is not None:
+                from ..engine.loops.runner import is_onnx, load_runner
+
+                with user_errors():
+                    runner = load_runner(weights, dev)
+                onnx, model = (runner.path, None) if is_onnx(runner) else (None, runner.model)
             rows = bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=input_size[0], width=input_size[1],
                                warmup=warmup, repeats=repeats, include_hf=not no_hf, include_torch_op=not no_torch,
-                               progress=progress)
+                               progress=progress, model=model, onnx=onnx)
             report["model"] = rows
         if train_bench:
             from ..bench.train import bench_train

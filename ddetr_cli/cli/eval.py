@@ -13,7 +13,8 @@ from .errors import user_errors
 
 @click.command("eval")
 @click.argument("data")
-@options.weights("Checkpoint: own, official Deformable DETR or Hugging Face.", required=True)
+@options.weights("Checkpoint: own, official Deformable DETR, Hugging Face folder, or an exported .onnx (onnxruntime).",
+                 required=True)
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
 @click.option("--coco-json", "coco_json", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Also write the detections to PATH (COCO results format).")

@@ -24,9 +24,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from . import bench, eval, predict, train  # noqa: A004  (module names mirror the commands)
+    from . import bench, eval, export, predict, train  # noqa: A004  (module names mirror the commands)
 
-    for module in (train, eval, predict, bench):
+    for module in (train, eval, predict, export, bench):
         cli.add_command(module.command)
 
 

@@ -1,7 +1,8 @@
 """Options shared by the commands: one definition each, so the same option
 means the same thing, with the same short form, on every command.
 
-``-w/--weights``   model weights (train: the checkpoint to fine-tune from)
+``-w/--weights``   model weights: a path, a hub id or a short name (train: the
+                   checkpoint to fine-tune from)
 ``--imgsz``        shorter side the model sees at inference; train also uses it
                    as its largest multi-scale training size
 ``--max-size``     cap on the longer side after resizing
@@ -22,8 +23,18 @@ IMGSZ_HELP = "Shorter side the images are resized to (default: the size the mode
 MAX_SIZE_HELP = "Cap on the longer side after resizing (default: the training value, else 1333)."
 
 
+# ddetr_cli.checkpoints.hub.SHORT_NAMES, spelled out: importing it would load torch
+# on `ddetr --help` (tests/test_hub.py checks the two agree).
+SHORT_NAMES = ("r50", "r50-refine", "r50-two-stage")
+WEIGHTS_SOURCES = (f"a Hugging Face hub id (owner/name[@revision]) or a short name: {', '.join(SHORT_NAMES)} "
+                   "(the official COCO models, fetched into the Hugging Face cache)")
+
+
 def weights(help: str, required: bool = False):
-    return click.option("-w", "--weights", required=required, default=None, metavar="PATH", help=help)
+    """``-w/--weights``; ``help`` says what the weights are for, the accepted
+    hub ids and short names are appended."""
+    return click.option("-w", "--weights", required=required, default=None, metavar="W",
+                        help=f"{help.rstrip('.')}; or {WEIGHTS_SOURCES}.")
 
 
 def device(default: str | None = "auto"):

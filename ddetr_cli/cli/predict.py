@@ -30,6 +30,11 @@ class _Lines:
         self.app, self.lines = app, lines
         self.progress = self.task = None
 
+    def info(self, message: str) -> None:
+        from rich.markup import escape
+
+        _info(self.app, escape(message))
+
     def predict_start(self, num_items: int) -> None:
         if self.app.interactive:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -76,7 +81,8 @@ class _Lines:
 
 @click.command("predict")
 @click.argument("sources", nargs=-1, required=True)
-@options.weights("Checkpoint: a ddetr .pt, an official .pth, or a Hugging Face model folder.")
+@options.weights("Checkpoint: a ddetr .pt, an official .pth, a Hugging Face model folder, or an exported .onnx "
+                 "(run by onnxruntime). Default: the COCO model r50-two-stage")
 @click.option("--conf", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="Minimum score of a detection.")
 @options.device()
@@ -105,12 +111,21 @@ def command(app: App, sources: tuple[str, ...], weights: str | None, as_json: bo
 
     \b
     Examples:
+      ddetr predict photo.jpg --viz                 # the default COCO model (r50-two-stage)
       ddetr predict photo.jpg -w runs/train/exp/weights/best.pt --viz
+      ddetr predict photo.jpg -w SenseTime/deformable-detr@main
+      ddetr predict photo.jpg -w model.onnx         # through onnxruntime
       ddetr predict 'data/*.png' clip.mp4 -w best.pt --conf 0.3 --json > preds.json
     """
     from rich.markup import escape
 
     from ..engine.run_predict import PredictOptions, run_prediction
+
+    if weights is None:
+        from ..checkpoints.hub import DEFAULT_MODEL
+
+        weights = DEFAULT_MODEL
+        _info(app, f"no --weights: using the default COCO model {DEFAULT_MODEL}")
 
     reporter = _Lines(app, app.err if as_json else app.out)  # stdout stays pure JSON with --json
     with user_errors():

@@ -29,7 +29,7 @@ from .errors import user_errors
 @click.option("--project", default=None, help="Parent folder of runs (default runs/train).")
 @click.option("--name", default=None, help="Run name under --project (exp, exp2, ... never overwritten).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Exact run folder (instead of --project/--name).")
-@options.weights("Fine-tune from a checkpoint (own, official or Hugging Face).")
+@options.weights("Fine-tune from a checkpoint (own, official or Hugging Face folder).")
 @click.option("--pretrained-backbone", "pretrained_backbone", default=None, type=click.Path(), help="torchvision ResNet weights (.pth) for the backbone.")
 @options.amp(None)
 @click.option("--ema/--no-ema", default=None, help="Keep an exponential moving average of the weights.")

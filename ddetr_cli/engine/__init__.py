@@ -9,10 +9,10 @@ ones above it in this list::
     parts/         amp, device, distributed, ema, interrupt, labelmap, optim, sampler, schedule
     report/        progress (terminal), metrics (CSV + plot), annotated (prediction images)
     runs/          folders (run-folder naming), checkpoint, rng, budget (time limit), assemble
-    loops/         step + train, evaluate, runner + predict
+    loops/         step + train, evaluate, runner (load_runner(): the one runner chooser) + predict
     run_train.py   run_training(), build_trainer()
     run_eval.py    run_evaluation()
-    run_predict.py run_prediction(), PredictOptions, load_runner()
+    run_predict.py run_prediction(), PredictOptions (and load_runner(), re-exported)
 
 Names load on first use (PEP 562), so importing the engine costs nothing
 until something is called: ``ddetr --help`` never loads torch or scipy.

@@ -57,7 +57,8 @@ def run_evaluation(
 ) -> EvalRun | None:
     """Evaluates ``weights`` on ``split`` of ``data`` (a dataset YAML or ``"shapes"``).
 
-    ``imgsz`` / ``max_size``: shorter-side size and longer-side cap (default: the
+    ``weights``: a local path, a short name, a hub id or an exported ``.onnx``
+    (onnxruntime). ``imgsz`` / ``max_size``: shorter-side size and longer-side cap (default: the
     sizes recorded by our training checkpoints, else 800 / 1333). ``device``:
     'auto' | 'cpu' | 'cuda' | 'cuda:N'. ``amp``: 'off' | 'auto' | 'bf16' | 'fp16'.
     ``coco_json``: also write the detections (COCO results format) there.
@@ -69,8 +70,8 @@ def run_evaluation(
     (``ConfigError`` / ``DatasetError`` / ``ImageReadError``), ``CheckpointError``,
     ``DeviceError``, ``ClassMismatchError``.
     """
-    from ..checkpoints import load_model
     from ..data import inference_size, load_dataset_config
+    from .loops.runner import TorchRunner, load_runner
 
     if batch_size < 1:
         raise DdetrError(f"must be >= 1, got {batch_size}", param="batch_size")
@@ -91,7 +92,8 @@ def run_evaluation(
     info = distributed.init_distributed(dev)
     try:
         dev = distributed.device_for(info, dev)
-        model = load_model(weights, dev)
+        runner = load_runner(weights, dev)  # a PyTorch model, or onnxruntime for an .onnx file
+        model = runner.model if isinstance(runner, TorchRunner) else runner  # the loop does its own autocast
         imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
         return _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, dev, info, workers, amp,
                          coco_json, reporter, log)

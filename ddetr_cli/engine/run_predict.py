@@ -24,22 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoints.io import atomic_write_text
-from ..errors import CheckpointError, DdetrError, OutputError, RunError
+from ..errors import DdetrError, OutputError, RunError
 from .loops.predict import PredictResult, Predictor, predict_items
-from .loops.runner import ModelRunner, TorchRunner
+from .loops.runner import ModelRunner, TorchRunner, is_onnx, load_runner  # noqa: F401  (re-exported: the one chooser)
 from .parts.device import resolve_device
 from .report.annotated import AnnotatedWriter
 from .report.progress import NullReporter, Reporter
 from .runs.folders import DEFAULT_NAME, allocate_run_dir, release_run_dir, split_out
-
-WEIGHTS_HELP = (
-    "ddetr never downloads weights at run time. Train your own with `ddetr train`, or download a "
-    "checkpoint yourself: official Deformable DETR weights are on the GitHub releases of "
-    "fundamentalvision/Deformable-DETR (e.g. r50_deformable_detr-checkpoint.pth), Hugging Face "
-    "weights are SenseTime/deformable-detr on the Hugging Face hub; then pass the file or folder "
-    "as `weights`."
-)
-
 
 @dataclass
 class PredictOptions:
@@ -57,27 +48,6 @@ class PredictOptions:
     project: str = "runs/predict"
     name: str = DEFAULT_NAME
     out: str | Path | None = None  # this folder (if it holds a run: out2, ...) instead of project/name
-
-
-def load_runner(weights: str | Path | None, device, *, backend: str = "auto", amp: str = "off",
-                cuda_graph: bool = False) -> ModelRunner:
-    """The model runner for ``weights`` on ``device``: a PyTorch checkpoint (own
-    ``.pt``, official ``.pth``, Hugging Face folder) -> :class:`TorchRunner`.
-    The one place a runner is chosen (other runtimes slot in here)."""
-    if weights is None:
-        raise CheckpointError(f"no weights given. {WEIGHTS_HELP}", param="weights")
-    if not Path(weights).expanduser().exists():
-        raise CheckpointError(f"weights {str(weights)!r} not found. {WEIGHTS_HELP}", param="weights")
-    from ..checkpoints import load_model
-
-    try:
-        model = load_model(weights, device, msda_backend=None if backend == "auto" else backend)
-    except CheckpointError:
-        raise
-    except (ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{weights}: cannot load model ({first})", param="weights") from None
-    return TorchRunner(model, device, amp=amp, cuda_graph=cuda_graph)
 
 
 def run_prediction(weights: str | Path | None, sources: Sequence[str], options: PredictOptions | None = None,
@@ -100,6 +70,9 @@ def run_prediction(weights: str | Path | None, sources: Sequence[str], options: 
         raise DdetrError(f"must be a number in [0, 1], got {opts.conf}", param="conf")
     device = resolve_device(opts.device)
     runner = load_runner(weights, device, backend=opts.backend, amp=opts.amp, cuda_graph=opts.cuda_graph)
+    reporter.info(f"loaded {runner.source}" + (" (onnxruntime)" if is_onnx(runner) else ""))
+    if is_onnx(runner) and opts.amp != "off":
+        reporter.warn("amp has no effect on an .onnx model (onnxruntime runs it in float32)")
     imgsz, max_size = inference_size(runner.input_size, opts.imgsz, opts.max_size)
     predictor = Predictor(runner, imgsz=imgsz, max_size=max_size, conf=opts.conf, top_k=opts.top_k,
                           batch_size=opts.batch_size)  # fmt: skip
@@ -132,6 +105,11 @@ def _predict(predictor: Predictor, entries, opts: PredictOptions, run_dir: Path,
     reporter.predict_start(count_items(entries))
     try:
         predict_items(predictor, iter_sources(entries), result, writer=writer, reporter=reporter)
+    except DdetrError:
+        raise
+    except ValueError as exc:  # the runner refused a batch, e.g. a static-size .onnx given another size
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"prediction stopped: {first}") from None
     finally:
         reporter.close()
         if writer is not None:

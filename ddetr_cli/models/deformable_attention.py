@@ -99,5 +99,32 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError(f"reference_points: last dim must be 2 or 4, got {tuple(reference_points.shape)}")
         # locations [N, Lq, M, L, P, 2]
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # [N, Lq, C]
+        if isinstance(spatial_shapes, (list, tuple)):  # symbolic (H, W) pairs: torch.export / ONNX export
+            out = ms_deform_attn_symbolic(value, spatial_shapes, locations, weights)  # [N, Lq, C]
+        else:
+            out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # [N, Lq, C]
         return self.output_proj(out)
+
+
+def ms_deform_attn_symbolic(value: torch.Tensor, shapes, sampling_locations: torch.Tensor,
+                            attention_weights: torch.Tensor) -> torch.Tensor:
+    """The pure-PyTorch op (:func:`ddetr_cli.ops.msda_torch.ms_deform_attn_torch`,
+    same arithmetic) for level sizes that are symbolic (``torch.export`` with
+    dynamic shapes): no ``int()`` on a size, no host-side checks. Float32 only.
+
+    value [N, S, M, D]; shapes: L (H, W) pairs; sampling_locations [N, Lq, M, L, P, 2];
+    attention_weights [N, Lq, M, L, P] -> [N, Lq, M*D]."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    loc = sampling_locations
+    loc = torch.where(torch.isfinite(loc), loc, torch.full_like(loc, -1.0)).clamp(-1.0, 2.0)
+    grids = 2 * loc - 1  # [N, Lq, M, L, P, 2]
+    sampled, start = [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        v = value[:, start:start + h * w].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)  # [N*M, D, H, W]
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1).to(v.dtype)  # [N*M, Lq, P, 2]
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # [N*M, D, Lq, P]
+        start = start + h * w
+    attn = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P).to(value.dtype)  # [N*M, 1, Lq, L*P]
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * attn).sum(-1)  # [N*M, D, Lq]
+    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()  # [N, Lq, M*D]

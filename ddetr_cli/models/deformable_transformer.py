@@ -44,8 +44,8 @@ def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: torch.
     refs = []
     for lvl, (H, W) in enumerate(shapes):
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, H - 0.5, H, dtype=torch.float32, device=device),
-            torch.linspace(0.5, W - 0.5, W, dtype=torch.float32, device=device),
+            torch.arange(H, dtype=torch.float32, device=device) + 0.5,  # = linspace(0.5, H - 0.5, H), exactly;
+            torch.arange(W, dtype=torch.float32, device=device) + 0.5,  # arange keeps H, W symbolic under export
             indexing="ij",
         )  # [H, W] each
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)  # [B, H*W]
@@ -229,8 +229,8 @@ class DeformableTransformer(nn.Module):
             valid_h = (~mask_l[:, :, 0]).sum(1)  # [B]
             valid_w = (~mask_l[:, 0, :]).sum(1)  # [B]
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device),
+                torch.arange(H, dtype=torch.float32, device=memory.device),  # = linspace(0, H - 1, H)
+                torch.arange(W, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)  # [H, W, 2]
@@ -263,14 +263,22 @@ class DeformableTransformer(nn.Module):
             inter_references: dec_layers tensors [B, Q, 2|4]; and for two-stage the
             encoder proposals' logits [B, S, num_classes] and box logits [B, S, 4] (else None).
         """
-        shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+        # torch.export (ONNX export with dynamic sizes): sizes stay symbolic, so the level
+        # geometry is passed as Python (H, W) pairs instead of tensors, and padding is assumed
+        exporting = torch.compiler.is_exporting()
+        shapes = [(s.shape[-2], s.shape[-1]) if exporting else (int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
         src_flatten = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, C]
         mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
         pos_flatten = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                                  for lvl, p in enumerate(pos_embeds)], 1)  # [B, S, C]
-        spatial_shapes = torch.tensor(shapes, dtype=torch.long)  # [L, 2] on the CPU
-        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))  # [L]
-        offset_normalizer = self.offset_normalizer(shapes, src_flatten.device)  # [L, 2] (W, H)
+        if exporting:
+            spatial_shapes, level_start_index, has_padding = shapes, None, True
+            offset_normalizer = torch.stack([torch.stack([m.new_ones(()).float() * m.shape[-1], m.new_ones(()).float() * m.shape[-2]])
+                                             for m in masks])  # [L, 2] (W, H)
+        else:
+            spatial_shapes = torch.tensor(shapes, dtype=torch.long)  # [L, 2] on the CPU
+            level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))  # [L]
+            offset_normalizer = self.offset_normalizer(shapes, src_flatten.device)  # [L, 2] (W, H)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # [B, L, 2]
         if has_padding is None:
             has_padding = bool(mask_flatten.any()) if mask_flatten.device.type == "cpu" else True
@@ -288,7 +296,7 @@ class DeformableTransformer(nn.Module):
             last = self.decoder.num_layers
             enc_class = self.decoder.class_embed[last](output_memory)  # [B, S, num_classes]
             enc_coord_unact = self.decoder.bbox_embed[last](output_memory) + output_proposals  # [B, S, 4]
-            topk = min(self.two_stage_num_proposals, enc_class.shape[1])
+            topk = (torch.sym_min if exporting else min)(self.two_stage_num_proposals, enc_class.shape[1])
             topk_idx = torch.topk(enc_class[..., 0], topk, dim=1)[1]  # [B, K]
             topk_coords = torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).expand(-1, -1, 4)).detach()  # [B, K, 4]
             reference_points = topk_coords.sigmoid()

@@ -13,19 +13,30 @@ A runner is any object with this shape (:class:`ModelRunner`)::
                            as float32 tensors; the call returns when the results are ready
                            (a CUDA runner synchronises), so the predictor can time it.
 
-:class:`TorchRunner` wraps a loaded PyTorch model. An onnxruntime runner
-converts the tensors to numpy, runs its session and wraps the outputs back
-with ``torch.from_numpy``; :func:`ddetr_cli.engine.run_predict.load_runner`
-is the one place that chooses a runner for a weights path.
+:class:`TorchRunner` wraps a loaded PyTorch model (optionally replayed from a
+CUDA graph). :class:`~ddetr_cli.runtime.onnx.OnnxRunner` converts the tensors
+to numpy, runs its onnxruntime session and wraps the outputs back with
+``torch.from_numpy``. :func:`load_runner` is the one place that chooses a
+runner for a ``weights`` value (predict, eval and bench all call it;
+``ddetr_cli.engine.run_predict`` re-exports it).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from ...errors import CheckpointError
 from ..parts.amp import amp_dtype
+
+WEIGHTS_HELP = (
+    "Pass a local file or folder (a ddetr .pt, an official Deformable DETR .pth from the GitHub releases of "
+    "fundamentalvision/Deformable-DETR, a Hugging Face model folder, an exported .onnx), a short name "
+    "(r50, r50-refine, r50-two-stage) or a Hugging Face hub id such as SenseTime/deformable-detr; "
+    "or train your own with `ddetr train`."
+)
 
 
 class ModelRunner(Protocol):
@@ -67,3 +78,51 @@ class TorchRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
+
+
+def load_runner(weights: str | Path | None, device, *, backend: str = "auto", amp: str = "off",
+                cuda_graph: bool = False) -> ModelRunner:
+    """The model runner for ``weights`` on ``device``. ``weights``: a local
+    path, a short name or a hub id (fetched into the Hugging Face cache,
+    :func:`ddetr_cli.checkpoints.hub.resolve`). An ``.onnx`` file ->
+    :class:`~ddetr_cli.runtime.onnx.OnnxRunner` (``amp``, ``cuda_graph`` and
+    ``backend`` do not apply); a PyTorch checkpoint (own ``.pt``, official
+    ``.pth``, Hugging Face folder) -> :class:`TorchRunner`. The one place a
+    runner is chosen. The runner's ``source`` says what was loaded from where
+    (``"r50-two-stage (SenseTime/...) from <snapshot>"``).
+
+    Raises :class:`~ddetr_cli.errors.CheckpointError` (``HubError``,
+    ``OnnxRuntimeMissing``) with a one-line message."""
+    if weights is None:
+        raise CheckpointError(f"no weights given. {WEIGHTS_HELP}", param="weights")
+    from ...checkpoints.hub import resolve
+
+    resolved = resolve(weights)
+    path = resolved.path
+    if not path.exists():
+        raise CheckpointError(f"weights {str(weights)!r} not found. {WEIGHTS_HELP}", param="weights")
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        from ...runtime.onnx import OnnxRunner
+
+        runner = OnnxRunner(path, device)
+    else:
+        from ...checkpoints import load_model
+
+        try:
+            model = load_model(path, device, msda_backend=None if backend == "auto" else backend)
+        except CheckpointError:
+            raise
+        except (ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{weights}: cannot load model ({first})", param="weights") from None
+        runner = TorchRunner(model, device, amp=amp, cuda_graph=cuda_graph)
+    runner.source = resolved.describe()
+    runner.hub = resolved.hub
+    return runner
+
+
+def is_onnx(runner) -> bool:
+    """Whether ``runner`` runs an ``.onnx`` graph through onnxruntime."""
+    from ...runtime.onnx import OnnxRunner
+
+    return isinstance(runner, OnnxRunner)
