@@ -85,19 +85,20 @@ def run_evaluation(
         dev = distributed.device_for(info, dev)
         model = load_model(weights, dev)
         imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
-        return _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, dev, info, workers, amp,
+        return _evaluate(model, weights, sc, dc.names, split, batch_size, imgsz, max_size, dev, info, workers, amp,
                          coco_json, reporter, log)
     finally:
         if owns_group:
             distributed.cleanup()
 
 
-def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, info, workers, amp, coco_json,
+def _evaluate(model, weights, sc, names, split, batch_size, imgsz, max_size, device, info, workers, amp, coco_json,
               reporter: Reporter, log) -> EvalRun | None:
     import torch
 
     from ..checkpoints.io import atomic_write_text
-    from ..data import CocoDetection, collate, make_eval_transforms
+    from ..data import collate, make_eval_transforms
+    from ..data.split import open_split
     from .loops.evaluate import evaluate
     from .parts.amp import amp_dtype
     from .parts.labelmap import resolve_label_map
@@ -105,11 +106,12 @@ def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, in
 
     num_classes = int(model.config.num_classes)
     model_ids = getattr(model, "category_ids", None)
-    dataset = CocoDetection(sc.images, sc.annotations, make_eval_transforms(imgsz, max_size))
+    dataset = open_split(sc, make_eval_transforms(imgsz, max_size), names=names)
     if len(dataset) == 0:
         raise DatasetError(f"{sc.annotations}: the {split} split has no images")
     label_to_cat = resolve_label_map(num_classes, list(model_ids) if model_ids is not None else None,
-                                     list(dataset.category_ids), what=f"{weights}")
+                                     list(dataset.category_ids), what=f"{weights}",
+                                     model_names=getattr(model, "class_names", None), dataset_names=dataset.class_names)
     model = model.eval()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
