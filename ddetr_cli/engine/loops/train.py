@@ -37,7 +37,7 @@ from ..runs.budget import TimeBudget, val_batches
 from ..runs.checkpoint import save_checkpoint
 from ..runs.rng import capture_rng_state, restore_rng_state, seed_everything, seed_worker
 from .evaluate import EvalResult, evaluate
-from .step import build_criterion, move_targets, train_step
+from .step import branch_state, build_criterion, build_train_module, load_branch_state, move_targets, train_step
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -85,13 +85,14 @@ class Trainer:
         self.model = model.to(device)
         self.criterion = build_criterion(cfg, len(label_to_cat))
         self.optimizer = build_optimizer(self.model, cfg)
+        self.train_module = build_train_module(self.model, cfg, self.optimizer)  # + the hybrid branch, if any
         self.dtype = amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.dtype, device) else None
         self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
-        self.ddp_model: nn.Module = self.model
+        self.ddp_model: nn.Module = self.train_module
         if self.info.distributed:
             ids = [device.index] if device.type == "cuda" else None
-            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids)
         self.sampler = EpochSampler(len(train_set), cfg.batch_size, seed=cfg.seed, rank=self.info.rank,
                                     world_size=self.info.world_size)  # fmt: skip
         self.schedule = StepWarmupSchedule(cfg.effective_lr_drop(), cfg.warmup_iters)
@@ -113,6 +114,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def _load_resume(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
+        load_branch_state(self.train_module, ckpt.get("hybrid"))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         lrs = base_lrs(self.cfg)
         for g in self.optimizer.param_groups:  # base lrs follow the (possibly new) config
@@ -143,6 +145,7 @@ class Trainer:
             best_ap=self.best_ap,
             rng={str(r): s for r, s in enumerate(dist_utils.all_gather_object(capture_rng_state()))},
             train_config=self.cfg.to_dict(),
+            hybrid=branch_state(self.train_module),
         )
         return payload
 
@@ -245,7 +248,7 @@ class Trainer:
         sums: dict[str, float] = {}
         count, data_time, stopped = 0, 0.0, None
         t_data = t_iter0 = time.perf_counter()
-        self.model.train()
+        self.train_module.train()
         for images, mask, targets in self._loader(self.step_in_epoch):
             data_time += time.perf_counter() - t_data
             if budget.limited and not self._drop_forced and self._agree(budget.drop_due()):
