@@ -93,11 +93,15 @@ def test_imgsz_128_tiny_trains_evaluates_resumes(custom_dataset, tmp_path):
     r = _cli(["train", "--resume", str(out), "--epochs", "2"])
     assert r.exit_code == 0, r.output
     best = out / "weights" / "best.pt"
-    r = _cli(["eval", str(custom_dataset), "-w", str(best), "--workers", "0", "--json"])
+    for f in ("results.png", "PR_curve.png", "confusion_matrix.png", "labels.png", "val_batch_pred.jpg"):
+        assert (out / f).is_file(), f
+    r = _cli(["eval", str(custom_dataset), "-w", str(best), "--workers", "0", "--json", "--out", str(tmp_path / "val")])
     assert r.exit_code == 0, r.output
     coco = json.loads(r.stdout)
+    for f in ("PR_curve.png", "confusion_matrix.png", "labels.png", "val_batch_pred.jpg"):
+        assert (tmp_path / "val" / f).is_file(), f
     # `ddetr eval` on the same split in YOLO format: the same numbers
-    r = _cli(["eval", str(custom_dataset.parent / "yolo.yaml"), "-w", str(best), "--workers", "0", "--json"])
+    r = _cli(["eval", str(custom_dataset.parent / "yolo.yaml"), "-w", str(best), "--workers", "0", "--json", "--no-plots"])
     assert r.exit_code == 0, r.output
     yolo = json.loads(r.stdout)
     assert coco["AP"] == pytest.approx(yolo["AP"], abs=1e-6) and coco["AP50"] == pytest.approx(yolo["AP50"], abs=1e-6)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import DatasetError, DdetrError
 from .loops.evaluate import EvalResult
@@ -38,6 +39,8 @@ class EvalRun:
     imgsz: int
     max_size: int
     json_path: Path | None = None  # where the detections were written, if asked
+    plots_dir: Path | None = None  # where the plots were written, if asked
+    dataset: Any = field(default=None, repr=False)  # the evaluated split (CocoDetection)
 
 
 def run_evaluation(
@@ -52,6 +55,11 @@ def run_evaluation(
     workers: int = 2,
     amp: str = "off",
     coco_json: str | Path | None = None,
+    plots: bool = False,
+    conf: float = 0.25,
+    project: str | Path = "runs/val",
+    name: str = "exp",
+    out: str | Path | None = None,
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvalRun | None:
@@ -61,6 +69,9 @@ def run_evaluation(
     sizes recorded by our training checkpoints, else 800 / 1333). ``device``:
     'auto' | 'cpu' | 'cuda' | 'cuda:N'. ``amp``: 'off' | 'auto' | 'bf16' | 'fp16'.
     ``coco_json``: also write the detections (COCO results format) there.
+    ``plots``: also draw the PR curve, the confusion matrix (at ``conf``) and
+    predictions beside the ground truth into ``out``, else a fresh
+    ``project/name`` folder (``exp``, ``exp2``, ...).
     ``reporter``: progress; ``log``: one-line messages (default: the ``ddetr``
     logger).
 
@@ -74,6 +85,8 @@ def run_evaluation(
 
     if batch_size < 1:
         raise DdetrError(f"must be >= 1, got {batch_size}", param="batch_size")
+    if not 0 <= conf <= 1:
+        raise DdetrError(f"must be in [0, 1], got {conf}", param="conf")
     log = log or _log.info
     reporter = reporter or NullReporter()
     dc = load_dataset_config(data)
@@ -85,8 +98,11 @@ def run_evaluation(
         dev = distributed.device_for(info, dev)
         model = load_model(weights, dev)
         imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
-        return _evaluate(model, weights, sc, dc.names, split, batch_size, imgsz, max_size, dev, info, workers, amp,
-                         coco_json, reporter, log)
+        ev = _evaluate(model, weights, sc, dc.names, split, batch_size, imgsz, max_size, dev, info, workers, amp,
+                       coco_json, reporter, log)
+        if ev is not None and plots:
+            ev.plots_dir = _plots(ev, conf, project, name, out)
+        return ev
     finally:
         if owns_group:
             distributed.cleanup()
@@ -130,4 +146,17 @@ def _evaluate(model, weights, sc, names, split, batch_size, imgsz, max_size, dev
     if coco_json:
         path = Path(coco_json)
         atomic_write_text(path, json.dumps(result.detections))
-    return EvalRun(result, split, names, imgsz, max_size, path)
+    return EvalRun(result, split, names, imgsz, max_size, path, dataset=dataset)
+
+
+def _plots(ev: EvalRun, conf: float, project, name: str, out) -> Path:
+    from .report.plots import write_val_plots
+    from .runs.folders import allocate_run_dir
+
+    if out is not None:
+        run_dir = Path(out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = allocate_run_dir(project, name)
+    write_val_plots(run_dir, ev.dataset, ev.result.detections, conf, train_set=ev.dataset)
+    return run_dir

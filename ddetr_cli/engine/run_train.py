@@ -165,7 +165,23 @@ def _train(cfg: TrainConfig, dc, ckpt: dict | None, run_dir: Path | None, device
         if ckpt is not None:
             log(f"resuming from epoch {trainer.epoch}" + (f", iteration {trainer.step_in_epoch}" if trainer.step_in_epoch else ""))
     result = trainer.fit()
+    if main and result.last_eval is not None:
+        _write_plots(trainer, result.last_eval, warn)
     return result if main else None
+
+
+def _write_plots(trainer: Trainer, last_eval, warn) -> None:
+    """PR curve, confusion matrix, labels and predictions of the last validation;
+    a plot that fails is a warning, never an error."""
+    from .report.plots import PLOT_CONF, write_val_plots
+
+    if not trainer.plot:
+        return
+    try:
+        write_val_plots(trainer.run_dir, trainer.val_set, last_eval.detections, PLOT_CONF, train_set=trainer.train_set,
+                        class_names=list(trainer.model.class_names))
+    except Exception as exc:  # noqa: BLE001 - plots must never fail a finished run
+        warn(f"could not draw the validation plots: {exc}")
 
 
 def _quiet(message: str) -> None:
