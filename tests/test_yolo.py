@@ -130,3 +130,18 @@ def test_yaml_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"path": str(tmp_path), "train": "images/train", "val": "images/val"}))
     with pytest.raises(ConfigError, match="needs 'names'"):
         load_dataset_config(bad)
+
+
+def test_cli_trains_on_yolo_with_the_coco_scan_table(tmp_path):
+    from click.testing import CliRunner
+
+    from ddetr_cli.cli.main import cli
+
+    _, yolo_yaml = write_both(tmp_path)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", str(yolo_yaml), "--model", "tiny", "--imgsz", "64", "--batch-size", "2",
+                                 "--max-iters", "1", "--workers", "0", "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "boxes (training)" in r.stderr and "circle, square, triangle" in r.stderr
+    for f in ("weights/best.pt", "PR_curve.png", "labels.png"):
+        assert (out / f).is_file(), f

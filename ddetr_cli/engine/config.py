@@ -277,7 +277,8 @@ def read_config_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 # Tuned for the synthetic `shapes` dataset (128-px images, 1-4 shapes, 3 classes)
 # and `--time-limit 20` on a CPU with the tiny preset: small batches for many
-# updates, full lr for the from-scratch backbone, no crops, 78-128 px scales, a short warm-up, EMA
+# updates, full lr for the from-scratch backbone (every stage trained, learnt batch norm), no crops,
+# 78-128 px scales (those of imgsz 128), a short warm-up, EMA
 # weights for evaluation; with a time limit the lr drops at 80% of the budget.
 SHAPES_RECIPE: dict[str, Any] = {
     "model": "tiny",
