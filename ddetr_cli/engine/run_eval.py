@@ -108,7 +108,7 @@ def run_evaluation(
             distributed.cleanup()
 
 
-def _evaluate(model, weights, sc, names, split, batch_size, imgsz, max_size, device, info, workers, amp, coco_json,
+def _evaluate(model, weights, sc, dataset_names, split, batch_size, imgsz, max_size, device, info, workers, amp, coco_json,
               reporter: Reporter, log) -> EvalRun | None:
     import torch
 
@@ -122,7 +122,7 @@ def _evaluate(model, weights, sc, names, split, batch_size, imgsz, max_size, dev
 
     num_classes = int(model.config.num_classes)
     model_ids = getattr(model, "category_ids", None)
-    dataset = open_split(sc, make_eval_transforms(imgsz, max_size), names=names)
+    dataset = open_split(sc, make_eval_transforms(imgsz, max_size), names=dataset_names)
     if len(dataset) == 0:
         raise DatasetError(f"{sc.annotations}: the {split} split has no images")
     label_to_cat = resolve_label_map(num_classes, list(model_ids) if model_ids is not None else None,
