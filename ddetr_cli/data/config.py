@@ -14,6 +14,9 @@ either as extra keys of the ``train:`` mapping next to ``images`` and
 ``annotations``, or as a top-level ``train_options:`` mapping (which wins on
 conflicts); they are returned, uninterpreted, as ``DatasetConfig.train_options``.
 The special name ``shapes`` resolves to the built-in synthetic dataset.
+
+A YAML whose splits are paths rather than mappings is an Ultralytics (YOLO)
+dataset (``train: images/train``, ``names``, optional ``nc``): see :mod:`.yolo`.
 """
 
 from __future__ import annotations
@@ -85,17 +88,7 @@ def _parse(raw: dict, source: Path) -> DatasetConfig:
     for key in raw:
         if key not in _TOP_KEYS:
             raise ConfigError(f"{source}: unknown key {key!r} (allowed: {', '.join(_TOP_KEYS)})")
-    base = source.resolve().parent
-    root_value = raw.get("path", ".")
-    if root_value is None:
-        root_value = "."
-    if not isinstance(root_value, str):
-        raise ConfigError(f"{source}: 'path' must be a string (a folder), got {type(root_value).__name__}")
-    root = Path(root_value).expanduser()
-    root = root if root.is_absolute() else base / root
-    if not root.is_dir():
-        raise ConfigError(f"{source}: 'path': dataset root folder {root} does not exist")
-
+    root = _root(raw, source)
     for key in ("train", "val"):
         if key not in raw:
             raise ConfigError(f"{source}: missing required key {key!r} (a mapping with 'images' and 'annotations')")
