@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from ddetr_cli.data.sources import expand_sources, iter_sources
 from ddetr_cli.engine.loops.predict import Detection, summarize
+from ddetr_cli.engine.report.plots import plot_results as plot_metrics
 from ddetr_cli.engine.runs.folders import allocate_run_dir, release_run_dir, split_out
-from ddetr_cli.viz import PALETTE, draw_detections, plot_metrics
+from ddetr_cli.viz import PALETTE, draw_detections
 
 NAMES = ["circle", "square", "triangle"]
 

@@ -239,13 +239,14 @@ def test_cli_train_end_to_end_and_resume(tiny_yaml, tmp_path):
     assert load_train_checkpoint(out / "weights" / "last.pt")["epoch"] == 2
     # eval of the trained weights (category ids recorded, sizes from the train config)
     r = _cli(["eval", str(tiny_yaml), "-w", str(out / "weights" / "best.pt"), "--workers", "0",
-              "--coco-json", str(tmp_path / "dets.json")])
+              "--coco-json", str(tmp_path / "dets.json"), "--out", str(tmp_path / "val")])
+    assert (tmp_path / "val" / "PR_curve.png").is_file()
     assert r.exit_code == 0, r.output
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in r.stdout
     dets = json.loads((tmp_path / "dets.json").read_text())
     assert isinstance(dets, list) and all(len(d["bbox"]) == 4 for d in dets)
     # --json: the metrics as JSON on stdout, the same numbers
-    r2 = _cli(["eval", str(tiny_yaml), "-w", str(out / "weights" / "best.pt"), "--workers", "0", "--json"])
+    r2 = _cli(["eval", str(tiny_yaml), "-w", str(out / "weights" / "best.pt"), "--workers", "0", "--json", "--no-plots"])
     assert r2.exit_code == 0, r2.output
     metrics = json.loads(r2.stdout)
     assert set(metrics) >= {"AP", "AP50", "ARl", "per_class"} and metrics["split"] == "val"

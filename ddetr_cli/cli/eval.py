@@ -25,9 +25,17 @@ from .errors import user_errors
 @options.device()
 @options.workers(2)
 @options.amp()
+@click.option("--conf", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Confidence threshold of the confusion matrix and the drawn predictions.")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Write PR_curve.png, confusion_matrix.png, labels.png, val_batch_pred.jpg into the run folder.")
+@click.option("--project", default="runs/val", show_default=True, help="Parent folder of the plot folders.")
+@click.option("--name", default="exp", show_default=True, help="Plot folder name under --project (exp, exp2, ...).")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Exact plot folder (instead of --project/--name).")
 @pass_app
 def command(app: App, data: str, weights: str, split: str, coco_json: str | None, as_json: bool, batch_size: int,
-            imgsz: int | None, max_size: int | None, device: str, workers: int, amp: str) -> None:
+            imgsz: int | None, max_size: int | None, device: str, workers: int, amp: str, conf: float, plots: bool,
+            project: str, name: str, out: str | None) -> None:
     """Evaluate WEIGHTS on a split of DATA (a dataset YAML or `shapes`).
 
     Prints the 12 COCO numbers verbatim, a summary table and per-class AP.
@@ -45,7 +53,7 @@ def command(app: App, data: str, weights: str, split: str, coco_json: str | None
     with user_errors():
         ev = run_evaluation(
             data, weights, split=split, batch_size=batch_size, imgsz=imgsz, max_size=max_size, device=device,
-            workers=workers, amp=amp, coco_json=coco_json,
+            workers=workers, amp=amp, coco_json=coco_json, plots=plots, conf=conf, project=project, name=name, out=out,
             reporter=RichReporter(app.err, interactive=app.interactive, quiet=app.quiet), log=app.info,
         )  # fmt: skip
     if ev is None:  # not rank 0
@@ -70,3 +78,5 @@ def command(app: App, data: str, weights: str, split: str, coco_json: str | None
                                **dict(zip(STAT_NAMES, result.stats)), "per_class": per_class}, indent=1))
     if ev.json_path is not None:
         app.info(f"wrote {len(result.detections)} detections to {ev.json_path}")
+    if ev.plots_dir is not None:
+        app.info(f"plots saved to {ev.plots_dir}")

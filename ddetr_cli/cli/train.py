@@ -18,8 +18,25 @@ from .errors import user_errors
 @click.argument("data", required=False)
 @click.option("--model", "model", default=None, help="Model preset (r50, tiny, ...) or a YAML file of model config fields.")
 @options.variant()
-@options.imgsz("Shorter side at inference and largest training scale (default 800; multi-scale from --config min_scale).")
-@options.max_size("Cap on the longer side, in training and at inference (default 1333).")
+@options.imgsz("Shorter side at inference and largest training scale (default 800); the sizes below follow it.")
+@options.max_size("Cap on the longer side, in training and at inference (default: 1333/800 x imgsz).")
+@click.option("--min-scale", "min_scale", type=click.IntRange(1), default=None, metavar="PIXELS",
+              help="Smallest multi-scale training size (default: imgsz - 10 x scale-step; 480 at 800).")
+@click.option("--scale-step", "scale_step", type=click.IntRange(1), default=None, metavar="PIXELS",
+              help="Step between training scales (default: 32/800 x imgsz).")
+@click.option("--crop/--no-crop", default=None, help="The random resize-crop branch of the augmentation (default on).")
+@click.option("--crop-min", "crop_min", type=click.IntRange(1), default=None, metavar="PIXELS",
+              help="Smallest random crop side (default: 384/800 x imgsz).")
+@click.option("--crop-max", "crop_max", type=click.IntRange(1), default=None, metavar="PIXELS",
+              help="Largest random crop side (default: 600/800 x imgsz).")
+@click.option("--crop-scales", "crop_scales", default=None, metavar="A,B,C", callback=lambda c, p, v: _int_list(p, v),
+              help="Resize sizes before the crop (default: 400,500,600 /800 x imgsz).")
+@click.option("--eval-size", "eval_size", type=click.IntRange(16), default=None, metavar="PIXELS",
+              help="Shorter side for validation and the recorded inference size (default: imgsz).")
+@click.option("--eval-max-size", "eval_max_size", type=click.IntRange(16), default=None, metavar="PIXELS",
+              help="Longer-side cap for validation (default: max-size).")
+@click.option("--hybrid/--no-hybrid", default=None,
+              help="Hybrid matching (H-DETR): an extra one-to-many query group, training only; the saved model is a plain Deformable DETR.")
 @click.option("--epochs", type=int, default=None, help="Total epochs (on --resume: extend a run).")
 @options.batch_size(None, "Images per process per step.")
 @click.option("--lr", type=float, default=None, help="Base learning rate (backbone: --config lr_backbone).")
@@ -87,6 +104,18 @@ def command(app: App, data: str | None, config_path: str | None, resume: str | N
                       f"epochs {result.epochs_done}  iterations {result.global_step}  run {run_dir}", highlight=False)
     else:
         app.out.print(f"epochs {result.epochs_done}  iterations {result.global_step}  run {run_dir}", highlight=False)
+
+
+def _int_list(param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        sizes = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated pixel sizes, got {value!r}", param=param) from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"expected positive sizes, got {value!r}", param=param)
+    return sizes
 
 
 def _print_scan(app: App, train, val, class_names: list[str]) -> None:

@@ -145,7 +145,9 @@ class CocoDetection(Dataset):
     use (pass the training split's ``category_ids`` to a validation split);
     default: the sorted ids of this file's categories. ``strict``: raise
     ``DatasetError`` on unknown/duplicate ids (default); when False such
-    entries are dropped and only counted in ``scan()``.
+    entries are dropped and only counted in ``scan()``. ``data``: the COCO dict
+    itself (e.g. built from YOLO labels by :mod:`.yolo`); ``annotation_file``
+    then only names the source in messages.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class CocoDetection(Dataset):
         strict: bool = True,
         on_skip: Callable[[Path, str], None] | None = None,
         mark_unreadable: bool = False,
+        data: dict | None = None,
     ):
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
@@ -168,7 +171,7 @@ class CocoDetection(Dataset):
         self._warned: set[str] = set()
         if not self.images_dir.is_dir():
             raise DatasetError(f"{self.images_dir}: image folder not found")
-        raw = load_json(self.annotation_file)
+        raw = load_json(self.annotation_file) if data is None else data
         self._report = ScanReport(annotation_file=self.annotation_file)
         cleaned = self._validate(raw, category_ids, strict)
         self.coco = _silent_coco(cleaned)

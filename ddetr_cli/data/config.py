@@ -14,6 +14,9 @@ either as extra keys of the ``train:`` mapping next to ``images`` and
 ``annotations``, or as a top-level ``train_options:`` mapping (which wins on
 conflicts); they are returned, uninterpreted, as ``DatasetConfig.train_options``.
 The special name ``shapes`` resolves to the built-in synthetic dataset.
+
+A YAML whose splits are paths rather than mappings is an Ultralytics (YOLO)
+dataset (``train: images/train``, ``names``, optional ``nc``): see :mod:`.yolo`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 from ..errors import ConfigError
 from .shapes import is_shapes_root
 from .yaml_file import read_yaml
+from .yolo import YOLO_KEYS, YoloSplit, label_path, looks_like_yolo, resolve_split, yolo_names
 
 _SPLIT_KEYS = ("images", "annotations")
 _TOP_KEYS = ("path", "train", "val", "test", "names", "model", "train_options")
@@ -33,8 +37,12 @@ _TOP_KEYS = ("path", "train", "val", "test", "names", "model", "train_options")
 
 @dataclass
 class SplitConfig:
+    """A COCO split (image folder + annotation file), or a YOLO split (``yolo``
+    set; ``images`` is the dataset root, ``annotations`` its labels folder)."""
+
     images: Path
     annotations: Path
+    yolo: YoloSplit | None = None
 
 
 @dataclass
@@ -48,6 +56,7 @@ class DatasetConfig:
     train_options: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     is_shapes: bool = False  # the built-in synthetic dataset (gets its own training recipe)
+    format: str = "coco"  # coco | yolo
 
     def split(self, name: str) -> SplitConfig:
         value = getattr(self, name, None) if name in ("train", "val", "test") else None
@@ -74,20 +83,12 @@ def load_dataset_config(path_or_name: str | os.PathLike) -> DatasetConfig:
 
 
 def _parse(raw: dict, source: Path) -> DatasetConfig:
+    if looks_like_yolo(raw):
+        return _parse_yolo(raw, source)
     for key in raw:
         if key not in _TOP_KEYS:
             raise ConfigError(f"{source}: unknown key {key!r} (allowed: {', '.join(_TOP_KEYS)})")
-    base = source.resolve().parent
-    root_value = raw.get("path", ".")
-    if root_value is None:
-        root_value = "."
-    if not isinstance(root_value, str):
-        raise ConfigError(f"{source}: 'path' must be a string (a folder), got {type(root_value).__name__}")
-    root = Path(root_value).expanduser()
-    root = root if root.is_absolute() else base / root
-    if not root.is_dir():
-        raise ConfigError(f"{source}: 'path': dataset root folder {root} does not exist")
-
+    root = _root(raw, source)
     for key in ("train", "val"):
         if key not in raw:
             raise ConfigError(f"{source}: missing required key {key!r} (a mapping with 'images' and 'annotations')")
@@ -107,6 +108,47 @@ def _parse(raw: dict, source: Path) -> DatasetConfig:
         train_options=options,
         source=source.resolve(),
         is_shapes=is_shapes_root(source.resolve().parent),
+    )
+
+
+def _root(raw: dict, source: Path) -> Path:
+    root_value = raw.get("path", ".")
+    if root_value is None:
+        root_value = "."
+    if not isinstance(root_value, str):
+        raise ConfigError(f"{source}: 'path' must be a string (a folder), got {type(root_value).__name__}")
+    root = Path(root_value).expanduser()
+    root = root if root.is_absolute() else source.resolve().parent / root
+    if not root.is_dir():
+        raise ConfigError(f"{source}: 'path': dataset root folder {root} does not exist")
+    return root
+
+
+def _parse_yolo(raw: dict, source: Path) -> DatasetConfig:
+    """An Ultralytics detection YAML (see :mod:`.yolo`)."""
+    for key in raw:
+        if key not in YOLO_KEYS:
+            raise ConfigError(f"{source}: unknown key {key!r} in a YOLO dataset YAML (allowed: {', '.join(YOLO_KEYS)})")
+    root = _root(raw, source)
+    for key in ("train", "val"):
+        if raw.get(key) is None:
+            raise ConfigError(f"{source}: missing required key {key!r} (an image folder or a .txt list of images)")
+
+    def split(key: str) -> SplitConfig:
+        ys = resolve_split(raw[key], key, root, source)
+        labels = label_path(ys.images[0]).parent if ys.images else root
+        return SplitConfig(images=root, annotations=labels, yolo=ys)
+
+    return DatasetConfig(
+        root=root,
+        train=split("train"),
+        val=split("val"),
+        test=split("test") if raw.get("test") is not None else None,
+        names=yolo_names(raw.get("names"), raw.get("nc"), source),
+        model=_section(raw, "model", source),
+        train_options=_section(raw, "train_options", source),
+        source=source.resolve(),
+        format="yolo",
     )
 
 

@@ -8,9 +8,13 @@ the model preset. Unknown keys raise :class:`TrainConfigError` naming the key.
 
 Image sizes: ``imgsz`` is the shorter side the model sees at inference, as in
 ``ddetr eval`` and ``ddetr predict``; training uses it as the largest of its
-multi-scale sizes (the official recipe: 480..800, evaluated at 800). So a
-layer that sets ``imgsz`` without ``eval_size`` sets ``eval_size`` too, and
-``max_size`` likewise sets ``eval_max_size``.
+multi-scale sizes. Every other size left unset (None) follows ``imgsz`` by the
+official proportions (:func:`derived_sizes`; for 800: scales 480..800 by 32,
+crops 384..600 after a resize to 400/500/600, longer side <= 1333, evaluated
+at 800 / 1333). A layer that sets ``imgsz`` without ``eval_size`` resets
+``eval_size`` to follow it, and ``max_size`` likewise ``eval_max_size``.
+:meth:`TrainConfig.validate` fills the derived sizes and refuses
+contradictions, naming both values and the option that fixes them.
 """
 
 from __future__ import annotations
@@ -46,15 +50,16 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"
     imgsz: int = 800  # shorter side at inference; the largest training scale
-    min_scale: int = 480
-    scale_step: int = 32
-    max_size: int = 1333
-    eval_size: int = 800
-    eval_max_size: int = 1333
+    # None: follows imgsz by the official proportions (derived_sizes)
+    min_scale: int | None = None
+    scale_step: int | None = None
+    max_size: int | None = None
+    eval_size: int | None = None
+    eval_max_size: int | None = None
     crop: bool = True
-    crop_min: int = 384
-    crop_max: int = 600
-    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int | None = None
+    crop_max: int | None = None
+    crop_scales: list[int] | None = None
     # run control
     data: str | None = None  # dataset YAML or "shapes" (recorded for --resume)
     seed: int = 42
@@ -67,6 +72,11 @@ class TrainConfig:
     out: str | None = None
     weights: str | None = None
     pretrained_backbone: str | None = None  # torchvision ResNet-50 .pth for ImageNet init
+    # training-only convergence aids (never change the saved model)
+    hybrid: bool = False  # H-DETR hybrid matching: an extra one-to-many query group
+    hybrid_queries: int = 0  # queries of the one-to-many group (0: 6 x the model's queries, as H-DETR)
+    hybrid_k: int = 6  # each target repeated k times for the one-to-many group
+    hybrid_weight: float = 1.0  # weight of the one-to-many losses
     # model
     model: str = "r50"  # preset name or a YAML file of ModelConfig fields
     variant: str | None = None  # base | refine | two-stage; None: as the model preset
@@ -80,6 +90,43 @@ class TrainConfig:
     set_cost_giou: float = 2.0
     focal_alpha: float = 0.25
     aux_loss: bool = True
+
+    def _check_sizes(self) -> None:
+        """Contradictory sizes: one-line errors naming both values and the fix."""
+
+        def clash(key: str, msg: str, fix: str) -> None:
+            raise TrainConfigError(f"`{key}` {msg}: {fix}", param=key)
+
+        if self.scale_step < 1:
+            clash("scale_step", f"must be >= 1 (got {self.scale_step})", "set `scale_step` to 1 or more")
+        if self.min_scale < 1:
+            clash("min_scale", f"must be >= 1 (got {self.min_scale})", "set a positive `min_scale`")
+        if self.min_scale > self.imgsz:
+            clash("min_scale", f"{self.min_scale} is larger than `imgsz` {self.imgsz}",
+                  f"lower `min_scale` (<= {self.imgsz}), or leave it unset to follow `imgsz`")
+        if self.max_size < self.imgsz:
+            clash("max_size", f"{self.max_size} is smaller than `imgsz` {self.imgsz}",
+                  f"raise `max_size` (>= {self.imgsz}), or leave it unset to follow `imgsz`")
+        if self.eval_max_size < self.eval_size:
+            clash("eval_max_size", f"{self.eval_max_size} is smaller than `eval_size` {self.eval_size}",
+                  f"raise `eval_max_size` (>= {self.eval_size}), or leave it unset to follow `max_size`")
+        if self.eval_size < 16:
+            clash("eval_size", f"must be >= 16 (got {self.eval_size})", "set `eval_size` to 16 or more")
+        if self.crop:
+            if self.crop_min < 1 or self.crop_min > self.crop_max:
+                clash("crop_min", f"{self.crop_min} is not in 1..`crop_max` {self.crop_max}",
+                      "lower `crop_min` or raise `crop_max`, or leave both unset to follow `imgsz`")
+            if not self.crop_scales or min(self.crop_scales) < 1:
+                clash("crop_scales", f"must be positive sizes (got {self.crop_scales})",
+                      "leave `crop_scales` unset to follow `imgsz`")
+            if max(self.crop_scales) < self.crop_min:
+                clash("crop_scales", f"{max(self.crop_scales)} (the largest) is smaller than `crop_min` {self.crop_min}",
+                      "raise `crop_scales` or lower `crop_min`, or leave both unset to follow `imgsz`")
+
+    def train_scales(self) -> list[int]:
+        """Shorter-side sizes for multi-scale training: ``imgsz`` down to
+        ``min_scale`` by ``scale_step``, ascending (the official 480..800 by 32)."""
+        return sorted(range(self.imgsz, self.min_scale - 1, -self.scale_step))
 
     def effective_lr_drop(self) -> int:
         return self.lr_drop if self.lr_drop is not None else max(1, round(self.epochs * 0.8))
@@ -102,8 +149,15 @@ class TrainConfig:
         need(self.lr_backbone >= 0, "lr_backbone", "must be >= 0")
         need(self.workers >= 0, "workers", "must be >= 0")
         need(self.imgsz >= 32, "imgsz", f"must be >= 32 (got {self.imgsz})")
-        need(self.min_scale <= self.imgsz, "min_scale", f"{self.min_scale} is larger than imgsz {self.imgsz}")
-        need(self.scale_step >= 1, "scale_step", "must be >= 1")
+        derived = derived_sizes(self.imgsz)
+        if self.max_size is not None:
+            derived["eval_max_size"] = self.max_size  # the inference cap follows the training cap
+        for key, value in derived.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self._check_sizes()
+        need(self.hybrid_queries >= 0, "hybrid_queries", f"must be >= 0 (got {self.hybrid_queries})")
+        need(self.hybrid_k >= 1, "hybrid_k", f"must be >= 1 (got {self.hybrid_k})")
         need(self.amp in AMP_MODES, "amp", f"{self.amp!r} is not one of {', '.join(AMP_MODES)}")
         need(self.variant is None or self.variant in VARIANTS, "variant", f"{self.variant!r} is not one of {', '.join(VARIANTS)}")
         need(self.save_every_iters >= 0, "save_every_iters", "must be >= 0")
@@ -177,8 +231,31 @@ def merge(cfg: TrainConfig, updates: dict[str, Any] | None, source: str) -> Trai
         given.add(key)
     for size, eval_size in (("imgsz", "eval_size"), ("max_size", "eval_max_size")):
         if size in given and eval_size not in given:  # one meaning of imgsz: the inference size
-            values[eval_size] = values[size]
+            values[eval_size] = None  # follows it again (TrainConfig.validate)
     return TrainConfig(**values)
+
+
+# The official recipe at imgsz 800: scales 480..800 by 32, crops 384..600 after
+# a resize to 400/500/600, longer side <= 1333.
+_OFFICIAL = 800
+
+
+def derived_sizes(imgsz: int) -> dict[str, Any]:
+    """The sizes that follow ``imgsz`` by the official proportions
+    (``derived_sizes(800)`` is the official recipe exactly)."""
+    r = imgsz / _OFFICIAL
+    step = max(1, round(32 * r))
+    max_size = max(imgsz, round(1333 * r))
+    return {
+        "scale_step": step,
+        "min_scale": max(1, imgsz - 10 * step),
+        "max_size": max_size,
+        "eval_size": imgsz,
+        "eval_max_size": max_size,
+        "crop_min": max(1, round(384 * r)),
+        "crop_max": max(1, round(600 * r)),
+        "crop_scales": [max(1, round(s * r)) for s in (400, 500, 600)],
+    }
 
 
 def read_config_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -203,16 +280,12 @@ def read_config_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 # Tuned for the synthetic `shapes` dataset (128-px images, 1-4 shapes, 3 classes)
 # and `--time-limit 20` on a CPU with the tiny preset: small batches for many
-# updates, full lr for the from-scratch backbone, no crops, 96-128 px scales, a short warm-up, EMA
+# updates, full lr for the from-scratch backbone (every stage trained, learnt batch norm), no crops,
+# 78-128 px scales (those of imgsz 128), a short warm-up, EMA
 # weights for evaluation; with a time limit the lr drops at 80% of the budget.
 SHAPES_RECIPE: dict[str, Any] = {
     "model": "tiny",
-    "imgsz": 128,
-    "min_scale": 96,
-    "scale_step": 16,
-    "max_size": 160,
-    "eval_size": 128,
-    "eval_max_size": 160,
+    "imgsz": 128,  # the other sizes follow it (derived_sizes)
     "crop": False,
     "batch_size": 8,
     "lr": 4e-4,

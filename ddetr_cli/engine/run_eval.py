@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import DatasetError, DdetrError
 from .loops.evaluate import EvalResult
@@ -38,6 +39,8 @@ class EvalRun:
     imgsz: int
     max_size: int
     json_path: Path | None = None  # where the detections were written, if asked
+    plots_dir: Path | None = None  # where the plots were written, if asked
+    dataset: Any = field(default=None, repr=False)  # the evaluated split (CocoDetection)
 
 
 def run_evaluation(
@@ -52,6 +55,11 @@ def run_evaluation(
     workers: int = 2,
     amp: str = "off",
     coco_json: str | Path | None = None,
+    plots: bool = False,
+    conf: float = 0.25,
+    project: str | Path = "runs/val",
+    name: str = "exp",
+    out: str | Path | None = None,
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvalRun | None:
@@ -62,6 +70,9 @@ def run_evaluation(
     sizes recorded by our training checkpoints, else 800 / 1333). ``device``:
     'auto' | 'cpu' | 'cuda' | 'cuda:N'. ``amp``: 'off' | 'auto' | 'bf16' | 'fp16'.
     ``coco_json``: also write the detections (COCO results format) there.
+    ``plots``: also draw the PR curve, the confusion matrix (at ``conf``) and
+    predictions beside the ground truth into ``out``, else a fresh
+    ``project/name`` folder (``exp``, ``exp2``, ...).
     ``reporter``: progress; ``log``: one-line messages (default: the ``ddetr``
     logger).
 
@@ -75,6 +86,8 @@ def run_evaluation(
 
     if batch_size < 1:
         raise DdetrError(f"must be >= 1, got {batch_size}", param="batch_size")
+    if not 0 <= conf <= 1:
+        raise DdetrError(f"must be in [0, 1], got {conf}", param="conf")
     log = log or _log.info
     reporter = reporter or NullReporter()
     if coco_json:  # before any inference, not after it
@@ -95,19 +108,23 @@ def run_evaluation(
         runner = load_runner(weights, dev)  # a PyTorch model, or onnxruntime for an .onnx file
         model = runner.model if isinstance(runner, TorchRunner) else runner  # the loop does its own autocast
         imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
-        return _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, dev, info, workers, amp,
-                         coco_json, reporter, log)
+        ev = _evaluate(model, weights, sc, dc.names, split, batch_size, imgsz, max_size, dev, info, workers, amp,
+                       coco_json, reporter, log)
+        if ev is not None and plots:
+            ev.plots_dir = _plots(ev, conf, project, name, out)
+        return ev
     finally:
         if owns_group:
             distributed.cleanup()
 
 
-def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, info, workers, amp, coco_json,
+def _evaluate(model, weights, sc, dataset_names, split, batch_size, imgsz, max_size, device, info, workers, amp, coco_json,
               reporter: Reporter, log) -> EvalRun | None:
     import torch
 
     from ..checkpoints.io import atomic_write_text
-    from ..data import CocoDetection, collate_eval, make_eval_transforms
+    from ..data import collate_eval, make_eval_transforms
+    from ..data.split import open_split
     from .loops.evaluate import evaluate
     from .parts.amp import amp_dtype
     from .parts.labelmap import resolve_label_map
@@ -115,11 +132,12 @@ def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, in
 
     num_classes = int(model.config.num_classes)
     model_ids = getattr(model, "category_ids", None)
-    dataset = CocoDetection(sc.images, sc.annotations, make_eval_transforms(imgsz, max_size), mark_unreadable=True)
+    dataset = open_split(sc, make_eval_transforms(imgsz, max_size), names=dataset_names, mark_unreadable=True)
     if len(dataset) == 0:
         raise DatasetError(f"{sc.annotations}: the {split} split has no images")
     label_to_cat = resolve_label_map(num_classes, list(model_ids) if model_ids is not None else None,
-                                     list(dataset.category_ids), what=f"{weights}")
+                                     list(dataset.category_ids), what=f"{weights}",
+                                     model_names=getattr(model, "class_names", None), dataset_names=dataset.class_names)
     model = model.eval()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
@@ -138,4 +156,21 @@ def _evaluate(model, weights, sc, split, batch_size, imgsz, max_size, device, in
     if coco_json:
         path = Path(coco_json)
         atomic_write_text(path, json.dumps(result.detections))
-    return EvalRun(result, split, names, imgsz, max_size, path)
+    return EvalRun(result, split, names, imgsz, max_size, path, dataset=dataset)
+
+
+def _plots(ev: EvalRun, conf: float, project, name: str, out) -> Path:
+    from .report.plots import write_val_plots
+    from .runs.folders import allocate_run_dir, release_run_dir
+
+    if out is not None:
+        run_dir = Path(out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_val_plots(run_dir, ev.dataset, ev.result.detections, conf, train_set=ev.dataset)
+        return run_dir
+    run_dir = allocate_run_dir(project, name)  # claimed, so concurrent evaluations never share a folder
+    try:
+        write_val_plots(run_dir, ev.dataset, ev.result.detections, conf, train_set=ev.dataset)
+    finally:
+        release_run_dir(run_dir)
+    return run_dir

@@ -157,13 +157,13 @@ def _train(cfg: TrainConfig, dc, ckpt: dict | None, run_dir: Path | None, device
     elif main:
         _claim(run_dir)
     try:
-        return _start(cfg, trainer, ckpt, device, info, log)
+        return _start(cfg, trainer, ckpt, device, info, log, warn)
     finally:
         if main:
             release_run_dir(trainer.run_dir)
 
 
-def _start(cfg: TrainConfig, trainer: Trainer, ckpt: dict | None, device, info, log) -> TrainResult | None:
+def _start(cfg: TrainConfig, trainer: Trainer, ckpt: dict | None, device, info, log, warn) -> TrainResult | None:
     from ..checkpoints.io import atomic_write_text
 
     main = info.is_main
@@ -177,12 +177,28 @@ def _start(cfg: TrainConfig, trainer: Trainer, ckpt: dict | None, device, info, 
         if ckpt is not None:
             log(f"resuming from epoch {trainer.epoch}" + (f", iteration {trainer.step_in_epoch}" if trainer.step_in_epoch else ""))
     result = trainer.fit()
+    if main and result.last_eval is not None:
+        _write_plots(trainer, result.last_eval, warn)
     return result if main else None
 
 
 def _claim(run_dir: Path) -> None:
     if not claim_run_dir(run_dir):
         raise RunError(f"{run_dir}: in use by another run (its {CLAIM} names the process)")
+
+
+def _write_plots(trainer: Trainer, last_eval, warn) -> None:
+    """PR curve, confusion matrix, labels and predictions of the last validation;
+    a plot that fails is a warning, never an error."""
+    from .report.plots import PLOT_CONF, write_val_plots
+
+    if not trainer.plot:
+        return
+    try:
+        write_val_plots(trainer.run_dir, trainer.val_set, last_eval.detections, PLOT_CONF, train_set=trainer.train_set,
+                        class_names=list(trainer.model.class_names))
+    except Exception as exc:  # noqa: BLE001 - plots must never fail a finished run
+        warn(f"could not draw the validation plots: {exc}")
 
 
 def _quiet(message: str) -> None:

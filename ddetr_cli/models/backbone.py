@@ -4,7 +4,10 @@
 ResNet (no ``fc``), so ImageNet weights and the official Deformable DETR
 checkpoints (``backbone.0.body.*``) load by name. Multi-scale models take C3-C5
 (strides 8/16/32), single-scale models C5 only; DC5 dilates the last stage
-(stride 32 -> 16). The stem and ``layer1`` never train (as the official).
+(stride 32 -> 16). The stem and ``layer1`` never train (as the official, for
+ImageNet weights) unless ``backbone_frozen_stages`` says otherwise; a backbone
+trained from scratch freezes nothing and learns its batch norm
+(``backbone_norm="batch"``), which computes what the frozen one does at inference.
 """
 
 from __future__ import annotations
@@ -71,27 +74,41 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """Learnt batch norm with the state-dict keys of :class:`FrozenBatchNorm2d`
+    (no ``num_batches_tracked``): in eval mode it computes the same."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps)
+        self.num_batches_tracked = None  # momentum is fixed: not needed, and not an official key
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                        error_msgs)
+
+
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
-def _downsample(cin: int, cout: int, stride: int) -> nn.Sequential | None:
+def _downsample(cin: int, cout: int, stride: int, norm=FrozenBatchNorm2d) -> nn.Sequential | None:
     if stride == 1 and cin == cout:
         return None
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), FrozenBatchNorm2d(cout))
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), norm(cout))
 
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (ResNet-18/34)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1, norm=FrozenBatchNorm2d) -> None:
         super().__init__()
         self.conv1 = _conv3x3(cin, cout, stride, dilation)
-        self.bn1 = FrozenBatchNorm2d(cout)
+        self.bn1 = norm(cout)
         self.conv2 = _conv3x3(cout, cout, 1, dilation)
-        self.bn2 = FrozenBatchNorm2d(cout)
+        self.bn2 = norm(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(cin, cout, stride)
+        self.downsample = _downsample(cin, cout, stride, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -103,17 +120,17 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (carries the stride, ResNet v1.5), 1x1 expand (x4)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1, norm=FrozenBatchNorm2d) -> None:
         super().__init__()
         mid = cout // 4
         self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
-        self.bn1 = FrozenBatchNorm2d(mid)
+        self.bn1 = norm(mid)
         self.conv2 = _conv3x3(mid, mid, stride, dilation)
-        self.bn2 = FrozenBatchNorm2d(mid)
+        self.bn2 = norm(mid)
         self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
-        self.bn3 = FrozenBatchNorm2d(cout)
+        self.bn3 = norm(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(cin, cout, stride)
+        self.downsample = _downsample(cin, cout, stride, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -126,13 +143,19 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """torchvision-layout ResNet trunk without the classifier."""
 
-    def __init__(self, spec: ResNetSpec, dilation: bool = False) -> None:
+    def __init__(self, spec: ResNetSpec, dilation: bool = False, learnt_norm_from: int = 5) -> None:
+        """``learnt_norm_from``: stages (0 = stem, 1..4 = layer1..4) from this one on
+        use :class:`BatchNorm2d`, the others :class:`FrozenBatchNorm2d`."""
         super().__init__()
         if dilation and spec.block != "bottleneck":
             raise ValueError("model config: dilation (DC5) needs a bottleneck ResNet (resnet50/101), as torchvision")
         block = Bottleneck if spec.block == "bottleneck" else BasicBlock
+
+        def norm(stage: int):
+            return BatchNorm2d if stage >= learnt_norm_from else FrozenBatchNorm2d
+
         self.conv1 = nn.Conv2d(3, spec.stem_channels, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(spec.stem_channels)
+        self.bn1 = norm(0)(spec.stem_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         cin = spec.stem_channels
@@ -141,8 +164,8 @@ class ResNet(nn.Module):
             first_dilation = later_dilation = 1
             if dilation and i == 3:  # torchvision replace_stride_with_dilation=[False, False, True]
                 stride, later_dilation = 1, 2
-            blocks = [block(cin, cout, stride, first_dilation)]
-            blocks += [block(cout, cout, 1, later_dilation) for _ in range(depth - 1)]
+            blocks = [block(cin, cout, stride, first_dilation, norm(i + 1))]
+            blocks += [block(cout, cout, 1, later_dilation, norm(i + 1)) for _ in range(depth - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             cin = cout
         for m in self.modules():
@@ -166,7 +189,9 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         spec = resnet_spec(cfg)
-        self.body = ResNet(spec, dilation=cfg.dilation)
+        first_trained = cfg.backbone_frozen_stages + 1 if cfg.train_backbone else 5  # 0 = stem, 1..4 = layer1..4
+        learnt = first_trained if cfg.backbone_norm == "batch" else 5
+        self.body = ResNet(spec, dilation=cfg.dilation, learnt_norm_from=learnt)
         if cfg.num_feature_levels > 1:
             self.return_layers = (2, 3, 4)
             self.strides = [8, 16, 32]
@@ -177,9 +202,9 @@ class Backbone(nn.Module):
             self.num_channels = [spec.channels[3]]
         if cfg.dilation:
             self.strides[-1] //= 2
+        trained = tuple(f"layer{i}" for i in range(max(1, first_trained), 5)) + (("conv1", "bn1") if first_trained <= 0 else ())
         for name, p in self.body.named_parameters():
-            trainable = cfg.train_backbone and name.startswith(("layer2", "layer3", "layer4"))
-            p.requires_grad_(trainable)
+            p.requires_grad_(name.startswith(trained))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """images [B, 3, H, W], mask [B, H, W] bool (True = padding) ->

@@ -16,6 +16,7 @@ from typing import Any
 
 VARIANTS = ("base", "refine", "two-stage")
 BLOCKS = ("basic", "bottleneck")
+NORMS = ("frozen", "batch")
 
 # name -> (block, depths); channels follow from backbone_width.
 RESNETS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -40,6 +41,11 @@ class ModelConfig:
     backbone_stem_channels: int | None = None  # override: channels of the 7x7 stem
     dilation: bool = False  # DC5: last stage dilated, stride 32 -> 16
     train_backbone: bool = True  # False freezes the whole ResNet (official lr_backbone = 0)
+    # stages that never train: 1 = stem + layer1 (official, for pretrained weights), 0 = stem, -1 = none
+    backbone_frozen_stages: int = 1
+    # batch norm of the trained stages: "frozen" (official, pretrained statistics) or "batch" (learnt:
+    # a backbone trained from scratch); both compute the same at inference
+    backbone_norm: str = "frozen"
     # transformer
     d_model: int = 256
     nheads: int = 8
@@ -79,6 +85,9 @@ class ModelConfig:
         need(self.backbone_channels is None or len(self.backbone_channels) == 4, "backbone_channels",
              f"needs 4 entries (got {self.backbone_channels})")
         need(self.backbone_width >= 1, "backbone_width", f"must be >= 1 (got {self.backbone_width})")
+        need(-1 <= self.backbone_frozen_stages <= 4, "backbone_frozen_stages",
+             f"must be -1 (none) .. 4 (got {self.backbone_frozen_stages})")
+        need(self.backbone_norm in NORMS, "backbone_norm", f"{self.backbone_norm!r} is not one of {', '.join(NORMS)}")
         need(self.d_model % self.nheads == 0, "d_model", f"{self.d_model} is not divisible by nheads {self.nheads}")
         need(self.d_model % 32 == 0, "d_model", f"{self.d_model} must be a multiple of 32 (GroupNorm(32, d_model))")
         need(self.num_feature_levels == 1 or self.num_feature_levels >= 3, "num_feature_levels",

@@ -112,13 +112,19 @@ class DeformableDETR(nn.Module):
         self.transformer.set_backend(backend)
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                return_aux: bool | None = None) -> dict:
+                return_aux: bool | None = None, *, one2many: int = 0,
+                one2many_embed: torch.Tensor | None = None) -> dict:
         """
         Args:
             images: [B, 3, H, W] normalised float images (padded to a common size).
             padding_mask: [B, H, W] bool, True on padded pixels; None = no padding.
             return_aux: include ``aux_outputs`` (when ``config.aux_loss``) and, for
                 two-stage, ``enc_outputs``; default: ``self.training``.
+            one2many: hybrid matching (training only, :mod:`.hybrid`): this many extra
+                one-to-many queries (two-stage: the next encoder proposals; else the rows of
+                ``one2many_embed`` [one2many, 2C]), masked from the others in self-attention.
+                Their outputs come under ``"one2many"`` (``pred_logits``, ``pred_boxes``,
+                ``aux_outputs``); every other output is the plain model's.
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected [B, 3, H, W], got {tuple(images.shape)}")
@@ -142,7 +148,7 @@ class DeformableDETR(nn.Module):
 
         query_embed = None if self.config.two_stage else self.query_embed.weight  # [Q, 2C]
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            srcs, masks, pos, query_embed, has_padding)
+            srcs, masks, pos, query_embed, has_padding, one2many, one2many_embed)
 
         want_aux = self.training if return_aux is None else return_aux
         # Without aux outputs only the last layer's heads are needed (the box
@@ -160,9 +166,20 @@ class DeformableDETR(nn.Module):
             logits.append(self.class_embed[lvl](h))  # [B, Q, num_classes]
             boxes.append(coord.sigmoid())  # [B, Q, 4]
 
+        extra = None
+        if one2many:
+            tokens = sum(int(s.shape[-2] * s.shape[-1]) for s in srcs)
+            first = min(self.num_queries, tokens) if self.config.two_stage else self.num_queries  # the one-to-one queries
+            extra = {"pred_logits": logits[-1][:, first:], "pred_boxes": boxes[-1][:, first:]}  # [B, Q2, C], [B, Q2, 4]
+            if want_aux and self.config.aux_loss:
+                extra["aux_outputs"] = [{"pred_logits": a[:, first:], "pred_boxes": b[:, first:]}
+                                        for a, b in zip(logits[:-1], boxes[:-1])]
+            logits, boxes = [a[:, :first] for a in logits], [b[:, :first] for b in boxes]
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if want_aux and self.config.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if extra is not None:
+            out["one2many"] = extra
         if want_aux and self.config.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
         return out

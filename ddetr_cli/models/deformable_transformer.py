@@ -109,10 +109,11 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask,
-                offset_normalizer):
-        """tgt, query_pos [B, Q, C]; reference_points [B, Q, L, 2|4]; memory [B, S, C] -> [B, Q, C]."""
+                offset_normalizer, self_attn_mask=None):
+        """tgt, query_pos [B, Q, C]; reference_points [B, Q, L, 2|4]; memory [B, S, C];
+        self_attn_mask [Q, Q] bool (True: may not attend) or None -> [B, Q, C]."""
         q = k = tgt + query_pos  # [B, Q, C]
-        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]  # [B, Q, C]
+        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]  # [B, Q, C]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                padding_mask, offset_normalizer)
@@ -134,9 +135,9 @@ class DeformableTransformerDecoder(nn.Module):
         self.class_embed: nn.ModuleList | None = None
 
     def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos,
-                padding_mask, offset_normalizer):
+                padding_mask, offset_normalizer, self_attn_mask=None):
         """tgt, query_pos [B, Q, C]; reference_points [B, Q, 2|4] in [0, 1]; memory [B, S, C];
-        valid_ratios [B, L, 2] -> (hidden states [num_layers] x [B, Q, C],
+        valid_ratios [B, L, 2]; self_attn_mask [Q, Q] bool or None -> (hidden states [num_layers] x [B, Q, C],
         reference points after each layer [num_layers] x [B, Q, 2|4])."""
         out = tgt
         ratios2 = valid_ratios[:, None]  # [B, 1, L, 2]
@@ -146,7 +147,7 @@ class DeformableTransformerDecoder(nn.Module):
             ratios = ratios4 if reference_points.shape[-1] == 4 else ratios2
             ref_input = reference_points[:, :, None] * ratios  # [B, Q, L, 2|4]
             out = layer(out, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask,
-                        offset_normalizer)
+                        offset_normalizer, self_attn_mask)
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[lid](out)  # [B, Q, 4]
                 if reference_points.shape[-1] == 4:
@@ -249,7 +250,8 @@ class DeformableTransformer(nn.Module):
         out = self.enc_output_norm(self.enc_output(out))  # [B, S, C]
         return out, props
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None, has_padding: bool | None = None):
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, has_padding: bool | None = None,
+                one2many: int = 0, one2many_embed: torch.Tensor | None = None):
         """
         Args:
             srcs, pos_embeds: L tensors [B, C, H_l, W_l]; masks: L tensors [B, H_l, W_l] (True = padding).
@@ -257,6 +259,9 @@ class DeformableTransformer(nn.Module):
             has_padding: False skips zeroing padded values in every attention layer
                 (a no-op then); None checks CPU masks and assumes padding on other devices
                 (checking would sync).
+            one2many: hybrid matching (training only): extra one-to-many queries after the
+                usual ones (two-stage: the next encoder proposals; else ``one2many_embed``
+                [one2many, 2C]), which the usual queries never see in self-attention.
 
         Returns:
             hs: dec_layers tensors [B, Q, C]; init_reference [B, Q, 2|4];
@@ -296,7 +301,7 @@ class DeformableTransformer(nn.Module):
             last = self.decoder.num_layers
             enc_class = self.decoder.class_embed[last](output_memory)  # [B, S, num_classes]
             enc_coord_unact = self.decoder.bbox_embed[last](output_memory) + output_proposals  # [B, S, 4]
-            topk = (torch.sym_min if exporting else min)(self.two_stage_num_proposals, enc_class.shape[1])
+            topk = (torch.sym_min if exporting else min)(self.two_stage_num_proposals + one2many, enc_class.shape[1])
             topk_idx = torch.topk(enc_class[..., 0], topk, dim=1)[1]  # [B, K]
             topk_coords = torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).expand(-1, -1, 4)).detach()  # [B, K, 4]
             reference_points = topk_coords.sigmoid()
@@ -306,11 +311,20 @@ class DeformableTransformer(nn.Module):
         else:
             if query_embed is None:
                 raise ValueError("DeformableTransformer: query_embed is required unless two_stage")
+            if one2many:
+                query_embed = torch.cat([query_embed, one2many_embed], 0)  # [Q + Q2, 2C]
             query_pos, tgt = torch.split(query_embed, C, dim=1)  # [Q, C] each
             query_pos = query_pos.unsqueeze(0).expand(B, -1, -1)  # [B, Q, C]
             tgt = tgt.unsqueeze(0).expand(B, -1, -1)  # [B, Q, C]
             reference_points = self.reference_points(query_pos).float().sigmoid()  # [B, Q, 2]
         init_reference = reference_points
+        self_attn_mask = None
+        if one2many:
+            total = tgt.shape[1]
+            first = min(self.two_stage_num_proposals, total) if self.two_stage else total - one2many
+            self_attn_mask = torch.zeros((total, total), dtype=torch.bool, device=tgt.device)  # [Q + Q2, Q + Q2]
+            self_attn_mask[:first, first:] = True  # the one-to-one queries never see the one-to-many ones
+            self_attn_mask[first:, :first] = True  # and the other way round (as H-DETR)
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
-                                            valid_ratios, query_pos, attn_mask, offset_normalizer)
+                                            valid_ratios, query_pos, attn_mask, offset_normalizer, self_attn_mask)
         return hs, init_reference, inter_references, enc_class, enc_coord_unact

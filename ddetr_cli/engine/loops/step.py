@@ -14,15 +14,44 @@ from torch import nn
 
 from ...errors import TrainingError
 from ...models.criterion import SetCriterion
+from ...models.hybrid import HybridCriterion, HybridQueries, default_one2many_queries
 from ...models.matcher import HungarianMatcher
 from ..config import TrainConfig
 from ..parts import distributed as dist_utils
 
 
-def build_criterion(cfg: TrainConfig, num_classes: int) -> SetCriterion:
+def build_criterion(cfg: TrainConfig, num_classes: int) -> SetCriterion | HybridCriterion:
+    """The set criterion of ``cfg`` (with the one-to-many branch's losses under ``hybrid``)."""
     matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou, cfg.focal_alpha)
     weights = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
-    return SetCriterion(num_classes, matcher, weights, focal_alpha=cfg.focal_alpha)
+    criterion = SetCriterion(num_classes, matcher, weights, focal_alpha=cfg.focal_alpha)
+    return HybridCriterion(criterion, cfg.hybrid_k, cfg.hybrid_weight) if cfg.hybrid else criterion
+
+
+def build_train_module(model: nn.Module, cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> nn.Module:
+    """What the training step calls: ``model``, or under ``hybrid`` the model with
+    its one-to-many query group (:class:`~ddetr_cli.models.hybrid.HybridQueries`),
+    whose own parameters (if any) join ``optimizer`` at ``lr``."""
+    if not cfg.hybrid:
+        return model
+    module = HybridQueries(model, default_one2many_queries(model.config.num_queries, cfg.hybrid_queries))
+    module.to(next(model.parameters()).device)
+    if module.extra_parameters():
+        optimizer.add_param_group({"params": module.extra_parameters(), "lr": cfg.lr, "base_lr": cfg.lr, "name": "main"})
+    return module
+
+
+def branch_state(module: nn.Module) -> dict | None:
+    """The training-only state of a :func:`build_train_module` result (for
+    ``last.pt``, never ``best.pt``): None for a plain model."""
+    if not isinstance(module, HybridQueries):
+        return None
+    return {k: v.detach().cpu() for k, v in module.state_dict().items() if not k.startswith("model.")}
+
+
+def load_branch_state(module: nn.Module, state: dict | None) -> None:
+    if isinstance(module, HybridQueries) and state:
+        module.load_state_dict(state, strict=False)
 
 
 def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
@@ -49,6 +78,8 @@ def train_step(
         outputs = model(images, mask)
     if not aux_loss:
         outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        if "one2many" in outputs:
+            outputs["one2many"] = {k: v for k, v in outputs["one2many"].items() if k != "aux_outputs"}
     losses = criterion(outputs, targets)  # fp32
     total = criterion.weighted_total(losses)
     finite = torch.isfinite(total.detach()).float()

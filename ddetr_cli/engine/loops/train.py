@@ -37,7 +37,7 @@ from ..runs.checkpoint import remove_stale_temps, save_checkpoint
 from ..runs.rng import capture_rng_state, restore_rng_state, seed_everything, seed_worker
 from .evaluate import EvalResult, evaluate
 from .outcome import TrainingInterrupted, TrainResult
-from .step import build_criterion, move_targets, train_step
+from .step import branch_state, build_criterion, build_train_module, load_branch_state, move_targets, train_step
 
 
 class Trainer:
@@ -66,13 +66,14 @@ class Trainer:
         self.model = model.to(device)
         self.criterion = build_criterion(cfg, len(label_to_cat))
         self.optimizer = build_optimizer(self.model, cfg)
+        self.train_module = build_train_module(self.model, cfg, self.optimizer)  # + the hybrid branch, if any
         self.dtype = amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.dtype, device) else None
         self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
-        self.ddp_model: nn.Module = self.model
+        self.ddp_model: nn.Module = self.train_module
         if self.info.distributed:
             ids = [device.index] if device.type == "cuda" else None
-            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids)
         self.sampler = EpochSampler(len(train_set), cfg.batch_size, seed=cfg.seed, rank=self.info.rank,
                                     world_size=self.info.world_size)  # fmt: skip
         self.schedule = StepWarmupSchedule(cfg.effective_lr_drop(), cfg.warmup_iters)
@@ -97,6 +98,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def _load_resume(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
+        load_branch_state(self.train_module, ckpt.get("hybrid"))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         lrs = base_lrs(self.cfg)
         for g in self.optimizer.param_groups:  # base lrs follow the (possibly new) config
@@ -134,6 +136,7 @@ class Trainer:
             metrics_rows=[dict(r) for r in self.history],
             rng={str(r): s for r, s in enumerate(dist_utils.all_gather_object(capture_rng_state()))},
             train_config=self.cfg.to_dict(),
+            hybrid=branch_state(self.train_module),
         )
         return payload
 
@@ -151,11 +154,9 @@ class Trainer:
     def _loader(self, skip_batches: int):
         self.sampler.set_epoch(self.epoch, skip_batches)
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
-        return torch.utils.data.DataLoader(
-            self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler, collate_fn=collate,
-            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
-            drop_last=False,  # the sampler already yields whole batches only (or one short one)
-            generator=g, worker_init_fn=seed_worker, persistent_workers=False,
+        return torch.utils.data.DataLoader(  # the sampler yields whole batches (or one short one): no drop_last
+            self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler, collate_fn=collate, generator=g,
+            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", worker_init_fn=seed_worker,
         )  # fmt: skip
 
     def _val_loader(self):
@@ -248,7 +249,7 @@ class Trainer:
         sums = self._sums
         count, data_time, stopped = 0, 0.0, None
         t_data = t_iter0 = time.perf_counter()
-        self.model.train()
+        self.train_module.train()
         for images, mask, targets in self._loader(self.step_in_epoch):
             data_time += time.perf_counter() - t_data
             if budget.limited and not self._drop_forced and self._agree(budget.drop_due()):

@@ -22,10 +22,10 @@ CSV_COLUMNS = ("epoch", *LOSS_COLUMNS, "lr", *STAT_NAMES[:6], "time")
 
 def _default_plot() -> Callable[[Path, Path], Any] | None:
     try:
-        from ...viz import plot_metrics
+        from .plots import plot_results
     except ImportError:
         return None
-    return plot_metrics
+    return plot_results
 
 
 class MetricsLog:

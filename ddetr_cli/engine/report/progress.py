@@ -140,7 +140,7 @@ class RichReporter(Reporter):
 
 
 def stats_table(result, title: str = "COCO bbox"):
-    """A compact rich table of the 12 COCO numbers."""
+    """A compact rich table of the first six COCO numbers (-1, "no ground truth of that size", as "n/a")."""
     from rich.table import Table
 
     from .metrics import STAT_NAMES
@@ -148,5 +148,5 @@ def stats_table(result, title: str = "COCO bbox"):
     table = Table(title=title, show_header=True, header_style="bold")
     for name in STAT_NAMES[:6]:
         table.add_column(name, justify="right")
-    table.add_row(*[f"{v:.3f}" for v in result.stats[:6]])
+    table.add_row(*[f"{v:.3f}" if v >= 0 else "n/a" for v in result.stats[:6]])  # -1: no objects of that size
     return table

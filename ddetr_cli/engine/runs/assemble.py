@@ -63,6 +63,14 @@ def build_model_config(cfg: TrainConfig, num_classes: int, base: Any | None = No
     return mc
 
 
+def from_scratch_backbone(mc, overrides: dict[str, Any]):
+    """Freeze only what was pretrained: a backbone without pretrained weights
+    trains every stage (stem and layer1 included) and learns its batch norm,
+    unless the ``model:`` overrides say otherwise."""
+    changes = {"backbone_frozen_stages": -1, "backbone_norm": "batch"}
+    return mc.replace(**{k: v for k, v in changes.items() if k not in overrides})
+
+
 @dataclass
 class Datasets:
     train: Any
@@ -74,24 +82,23 @@ class Datasets:
 def build_datasets(cfg: TrainConfig, dc) -> Datasets:
     """Train / val CocoDetection with the configured transforms. ``dc``: a
     ``DatasetConfig``. Raises DatasetError / TrainConfigError."""
-    from ...data import CocoDetection, default_train_scales, make_eval_transforms, make_train_transforms
+    from ...data import make_eval_transforms, make_train_transforms
     from ...data.transforms import Compose, RandomHorizontalFlip, RandomResize, ToTensorNormalize
 
-    try:
-        scales = default_train_scales(cfg.imgsz, cfg.min_scale, cfg.scale_step)
-    except ValueError as exc:
-        raise TrainConfigError(f"imgsz/min_scale/scale_step: {exc}") from None
+    scales = cfg.train_scales()
     if cfg.crop:
         train_tf = make_train_transforms(scales, cfg.max_size, crop=(cfg.crop_min, cfg.crop_max), crop_scales=cfg.crop_scales)
     else:
         train_tf = Compose([RandomHorizontalFlip(), RandomResize(scales, max_size=cfg.max_size), ToTensorNormalize()])
-    train = CocoDetection(dc.train.images, dc.train.annotations, train_tf)
+    from ...data.split import open_split
+
+    train = open_split(dc.train, train_tf, names=dc.names)
     if len(train) == 0:
         raise DatasetError(f"{dc.train.annotations}: the training split has no images")
     if train.num_classes == 0:
         raise DatasetError(f"{dc.train.annotations}: the training split has no categories")
-    val = CocoDetection(dc.val.images, dc.val.annotations, make_eval_transforms(cfg.eval_size, cfg.eval_max_size), category_ids=list(train.category_ids),
-                        mark_unreadable=True)
+    val = open_split(dc.val, make_eval_transforms(cfg.eval_size, cfg.eval_max_size), category_ids=list(train.category_ids),
+                     names=dc.names, mark_unreadable=True)
     if len(val) == 0:
         raise DatasetError(f"{dc.val.annotations}: the validation split has no images")
     names = list(dc.names) if dc.names else list(train.class_names)
@@ -175,7 +182,10 @@ def build_model(cfg: TrainConfig, ds: Datasets, ckpt: dict | None = None, *, mod
         notes += transfer_weights(model, src.state_dict(), src_ids, int(src.config.num_classes), list(ds.category_ids))
         notes.insert(0, f"fine-tuning from {cfg.weights}")
     else:
-        model = build_network(build_model_config(cfg, len(ds.category_ids)))
+        mc = build_model_config(cfg, len(ds.category_ids))
+        if not cfg.pretrained_backbone:
+            mc = from_scratch_backbone(mc, cfg.model_overrides)
+        model = build_network(mc)
         if cfg.pretrained_backbone:
             from ...checkpoints.torchvision import load_backbone_weights
 
