@@ -116,6 +116,7 @@ def _resolve_request(data: str | None, config_path: str | Path | None, resume: s
         old_epochs, old_drop = cfg.epochs, cfg.effective_lr_drop()
         cfg = merge(cfg, opts, "command line").validate()
         if int(ckpt["epoch"]) >= cfg.epochs:
+            _tidy_finished(last.parent.parent)
             raise RunError(
                 f"{last}: the run already finished {ckpt['epoch']} of {cfg.epochs} epochs; pass `epochs` > {ckpt['epoch']} to extend it"
             )
@@ -180,6 +181,18 @@ def _start(cfg: TrainConfig, trainer: Trainer, ckpt: dict | None, device, info, 
     if main and result.last_eval is not None:
         _write_plots(trainer, result.last_eval, warn)
     return result if main else None
+
+
+def _tidy_finished(run_dir: Path) -> None:
+    """A finished run killed before it let go of its folder (kill -9 during the
+    final evaluation) leaves its claim and perhaps temp files: a resume that
+    finds nothing to train still clears them, unless a live run owns the folder."""
+    from .runs.checkpoint import remove_stale_temps
+
+    if claim_run_dir(run_dir):
+        for folder in (run_dir, run_dir / "weights"):
+            remove_stale_temps(folder)
+        release_run_dir(run_dir)
 
 
 def _claim(run_dir: Path) -> None:
