@@ -57,25 +57,34 @@ def bench_train(
     images = torch.randn(batch, 3, height, width, generator=g).to(device)  # [B, 3, H, W]
     mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)  # [B, H, W]
     targets = _random_targets(batch, num_classes, g, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    def step() -> None:
+        train_step(model, criterion, optimizer, images, mask, targets, clip_max_norm=cfg.clip_max_norm, dtype=dtype, scaler=scaler)
 
+    times = _time_steps(step, device, warmup, iters, progress)
+    return _row(preset_name, device, batch, height, width, dtype, iters, times)
+
+
+def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int,
+                progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Seconds of each of ``iters`` steps after ``warmup`` untimed ones (CUDA
+    synchronised around each); resets the CUDA peak-memory counter first."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    total = warmup + iters
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times: list[float] = []
-    for i in range(total):
+    for i in range(warmup + iters):
         sync()
         t0 = time.perf_counter()
-        train_step(model, criterion, optimizer, images, mask, targets, clip_max_norm=cfg.clip_max_norm, dtype=dtype, scaler=scaler)
+        step()
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         if progress is not None:
-            progress(i + 1, total)
-    return _row(preset_name, device, batch, height, width, dtype, iters, times)
+            progress(i + 1, warmup + iters)
+    return times
 
 
 def _row(name: str, device: torch.device, batch: int, height: int, width: int, dtype, iters: int,
@@ -148,19 +157,8 @@ def bench_train_hf(
         else:
             optimizer.step()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times: list[float] = []
     try:
-        for i in range(warmup + iters):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        times = _time_steps(step, device, warmup, iters)
     except Exception as exc:  # noqa: BLE001 - e.g. transformers 5.24's NameError in its loss
         return {**row, "error": f"{type(exc).__name__}: {exc}"}
     return _row("transformers", device, batch, height, width, dtype, iters, times)
