@@ -15,3 +15,14 @@ def _isolate_cache(tmp_path_factory, monkeypatch):
     # models build a cache of their own, see hub_cache.py)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hf-empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: robust timing on a shared 2-core CI machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -385,14 +385,6 @@ def _trainer(cfg, run_dir: Path, resume: dict | None = None, garble_rng: bool = 
     return build_trainer(cfg, run_dir, torch.device("cpu"), ckpt=resume)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rows(run_dir: Path) -> list[dict]:
     import csv
 

@@ -47,15 +47,6 @@ def make_trainer(cfg: TrainConfig, run_dir: Path, resume: dict | None = None):
     return build_trainer(cfg, run_dir, torch.device("cpu"), ckpt=resume)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: robust timing on a shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_same_state(a: dict, b: dict, atol=1e-6):
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0 for k in a)
