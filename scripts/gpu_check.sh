@@ -108,14 +108,11 @@ bench() {
   done
   step train_bf16 200 ddetr bench --train --device cuda --dtype bfloat16 --input-size 800 1066 --batch-size 2 --warmup 2 --repeats 6 \
     --json "$LOGS/train_bf16.json"
-  for threads in 1 4 16; do
-    step "cpu_model_t$threads" 150 ddetr bench --model --device cpu --threads "$threads" --no-hf --no-torch \
-      --input-size 800 1066 --warmup 1 --repeats 2 --json "$LOGS/cpu_model_t$threads.json"
-  done
-  for threads in 1 2 4 8 16; do
-    step "cpu_t$threads" 120 ddetr bench --device cpu --threads "$threads" --case encoder --batch-size 1 --no-torch \
-      --warmup 1 --repeats 3 --json "$LOGS/cpu_t$threads.json"
-  done
+  # Thread scaling of the CPU op and model on the host's cores, one table each.
+  step cpu_model_threads 400 ddetr bench --model --device cpu --threads 1,4,16 --no-hf --no-torch \
+    --input-size 800 1066 --warmup 1 --repeats 2 --json "$LOGS/cpu_model_threads.json"
+  step cpu_op_threads 300 ddetr bench --device cpu --threads 1,2,4,8,16 --case encoder --batch-size 1 --no-torch \
+    --warmup 1 --repeats 3 --json "$LOGS/cpu_op_threads.json"
 }
 
 profile() {

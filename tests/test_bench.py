@@ -27,7 +27,68 @@ def test_bench_op(tmp_path):
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and all(r["batch"] == 1 for r in rows)
     for r in rows:
         assert r["native_ms"] > 0 and r["torch_ms"] > 0, r
+        # roofline: 2 FLOP per corner and channel forward, 6 forward+backward (8 heads, 4 levels, 4 points)
+        per_point = 4 * 32 * (6 if r["pass"] == "fwd+bwd" else 2)
+        assert r["gflop"] == pytest.approx(r["queries"] * 8 * 4 * 4 * per_point / 1e9)
+        assert r["gflops"] == pytest.approx(r["gflop"] / (r["native_ms"] / 1e3))
+        assert r["copy_gb_s"] > 0 and r["x_floor"] == pytest.approx(r["native_ms"] / r["floor_ms"])
     assert "op" in report and "model" not in report and "train" not in report
+    assert [r["threads"] for r in report["roofline"]] == [1] and report["roofline"][0]["matmul_gflops"] > 0
+
+
+def test_bench_thread_scaling(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--case", "decoder", "--batch-size", "1",
+            "--no-torch", "--threads", "1,2", "--threads", "3", "--json", str(out)]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["environment"]["thread_counts"] == [1, 2, 3]
+    assert sorted({r["threads"] for r in report["op"]}) == [1, 2, 3] and len(report["op"]) == 6
+    assert "thread scaling" in res.output and "efficiency" in res.output
+
+
+@pytest.mark.parametrize("bad, why", [("0", "must be >= 1"), ("two", "not a thread count")])
+def test_bench_threads_rejects_bad_counts(bad, why):
+    res = CliRunner().invoke(cli, ["bench", "--threads", bad])
+    assert res.exit_code == 2 and "'--threads'" in res.output and why in res.output
+
+
+def test_bench_tables_fit_80_columns():
+    """Every table bench prints, filled with realistic (long) values, fits an
+    80-column terminal without truncating a cell."""
+    import io
+
+    from rich.console import Console
+
+    from ddetr_cli.cli import bench_tables as tables
+
+    env = {"device": "cpu", "native_isa": "avx512bf16"}
+    op = [{"case": "encoder 800x1333", "batch": 2, "pass": "fwd+bwd", "native_ms": 12345.6, "torch_ms": 123456.7,
+           "speedup_vs_torch": 123.4, "gflops": 1234.5, "x_floor": 123.4, "native_peak_mb": 12345.6,
+           "torch_peak_mb": 123456.7, "output_mb": 1234.5, "copy_gb_s": 12.3, "threads": n, "dtype": "bfloat16"}
+          for n in (1, 2, 4, 8, 16, 32, 64)]
+    model = [{"name": name, "ms_per_img": 12345.6, "ratio": 12.3, "ratio_vs": "transformers", "backbone_ms": 12345.6,
+              "encoder_ms": 12345.6, "decoder_ms": 1234.5, "backbone_gflop": 140.1, "backbone_gflops": 1234.5,
+              "encoder_gflop": 160.2, "encoder_gflops": 1234.5, "decoder_gflop": 12.3, "decoder_gflops": 123.4,
+              "threads": n}
+             for name in ("ddetr (native op)", "ddetr (torch op)", "transformers") for n in (1, 2, 4, 8, 16, 32, 64)]
+    train = [{"name": name, "model": "r50", "sec_per_iter": 123.45, "images_per_s": 12.34, "peak_mem_gb": 123.4}
+             for name in ("ddetr (native op)", "ddetr (torch op)", "transformers")]
+    roof = {"threads": 64, "matmul_gflops": 12345.6}
+    rendered = [
+        tables.op_table(op, env, 64), tables.op_memory_table(op, env), tables.roofline_line(roof, op),
+        tables.scaling_table(op, ("case", "batch", "pass"), "native_ms", "thread scaling · ours ms", ".1f"),
+        tables.model_table(model, "Deformable DETR R50 inference · cpu · float32 · 800x1066 · 64 threads"),
+        tables.model_roofline_table(model, roof), tables.scaling_table(model, ("name",), "ms_per_img", "scaling", ".1f"),
+        tables.train_table(train, "Training step R50 · cpu · 2 threads"),
+    ]
+    for thing in rendered:
+        buf = io.StringIO()
+        Console(file=buf, width=80, color_system=None).print(thing)
+        text = buf.getvalue()
+        assert max(len(line) for line in text.splitlines()) <= 80, text
+        assert "…" not in text, text
 
 
 @pytest.mark.slow
@@ -38,10 +99,15 @@ def test_bench_model_and_train(tmp_path):
     for row in rows.values():
         assert (row["height"], row["width"], row["batch"]) == (64, 96, 1)
         assert row["ms_per_img"] > 0 and all(row[k] > 0 for k in ("backbone_ms", "encoder_ms", "decoder_ms")), row
-    assert [r["model"] for r in report["train"]] == ["r50"]  # the transformers row skipped with --no-hf
-    train = report["train"][0]
-    assert (train["height"], train["width"], train["batch"], train["iters"]) == (64, 96, 1, 1)
-    assert train["images_per_s"] > 0 and train["sec_per_iter"] > 0, train
+    for part in ("backbone", "encoder", "decoder"):  # the dense-layer roofline
+        row = rows["ddetr (native op)"]
+        assert row[f"{part}_gflop"] > 0 and row[f"{part}_gflops"] == pytest.approx(
+            row[f"{part}_gflop"] / (row[f"{part}_ms"] / 1e3)), row
+    # the native and grid_sample ops side by side; the transformers row skipped with --no-hf
+    assert [r["name"] for r in report["train"]] == ["ddetr (native op)", "ddetr (torch op)"]
+    for train in report["train"]:
+        assert (train["height"], train["width"], train["batch"], train["iters"]) == (64, 96, 1, 1)
+        assert train["images_per_s"] > 0 and train["sec_per_iter"] > 0, train
 
 
 def test_bench_bad_device_names_the_flag():

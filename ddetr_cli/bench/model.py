@@ -22,6 +22,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from .roofline import part_flops
+
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
@@ -102,7 +104,8 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
     """Returns one row per case::
 
         {"name", "ms_per_img", "ratio", "ratio_vs", "backbone_ms", "encoder_ms", "decoder_ms",
-         "total_ms", "batch", "height", "width", "dtype", "device"}
+         "total_ms", "batch", "height", "width", "dtype", "device", "threads",
+         "backbone_gflop", "backbone_gflops", ... (encoder, decoder)}
 
     ``ratio`` is reference time / this time (> 1: faster than the reference),
     the reference being HF when it ran, else our model with the torch op. The
@@ -125,16 +128,20 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
     images = torch.randn(batch, 3, height, width, generator=gen).to(device)
     rows: list[dict] = []
 
-    def add(name: str, times: dict[str, float]) -> None:
+    def add(name: str, times: dict[str, float], flops: dict[str, int] | None = None) -> None:
         def per_image(part: str) -> float | None:
             return times[part] / batch if part in times else None  # a CUDA graph has no split
 
-        rows.append({
+        row = {
             "name": name, "ms_per_img": times["total"] / batch, "ratio": None, "ratio_vs": None,
             "backbone_ms": per_image("backbone"), "encoder_ms": per_image("encoder"),
             "decoder_ms": per_image("decoder"), "total_ms": times["total"], "batch": batch,
-            "height": height, "width": width, "dtype": dtype, "device": str(device),
-        })
+            "height": height, "width": width, "dtype": dtype, "device": str(device), "threads": torch.get_num_threads(),
+        }
+        for part, n in (flops or {}).items():  # dense-layer roofline: GFLOP per image and achieved GFLOP/s
+            row[f"{part}_gflop"] = n / batch / 1e9
+            row[f"{part}_gflops"] = n / (times[part] / 1e3) / 1e9 if times.get(part) else None
+        rows.append(row)
 
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
@@ -146,10 +153,12 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
             with torch.inference_mode(), autocast():
                 return ours(images)
 
+        ours.set_msda_backend("native")
+        flops = part_flops(ours, parts, run_ours)
         for backend in ("native", "torch") if include_torch_op else ("native",):
             say(f"ddetr + {backend} op")
             ours.set_msda_backend(backend)
-            add(f"ddetr ({backend} op)", _time_case(run_ours, device, parts, warmup=warmup, repeats=repeats))
+            add(f"ddetr ({backend} op)", _time_case(run_ours, device, parts, warmup=warmup, repeats=repeats), flops)
         if device.type == "cuda":
             from ..runtime.cuda_graph import CudaGraphRunner
 
@@ -174,7 +183,8 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
                 with torch.inference_mode(), autocast():
                     return hf(pixel_values=images, pixel_mask=pixel_mask)
 
-            add("transformers", _time_case(run_hf, device, hf_parts, warmup=warmup, repeats=repeats))
+            add("transformers", _time_case(run_hf, device, hf_parts, warmup=warmup, repeats=repeats),
+                part_flops(hf, hf_parts, run_hf))
             reference = "transformers"
             del hf
     finally:
@@ -206,4 +216,4 @@ def _onnx_row(path, images: torch.Tensor, warmup: int, repeats: int, dtype: str,
     return {"name": f"onnxruntime {'+'.join(p.replace('ExecutionProvider', '') for p in runner.providers)}",
             "ms_per_img": total / batch, "ratio": None, "ratio_vs": None, "backbone_ms": None, "encoder_ms": None,
             "decoder_ms": None, "total_ms": total, "batch": batch, "height": height, "width": width,
-            "dtype": "float32", "device": "cpu"}
+            "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads()}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import ms_deform_attn
+from .roofline import copy_bandwidth, op_flops
 from .timing import measure
 
 M_HEADS, D_HEAD, N_LEVELS, N_POINTS = 8, 32, 4, 4
@@ -90,16 +91,6 @@ def min_bytes(inputs, backward: bool) -> int:
     return fwd + out + grads
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read and written:
-    the practical DRAM ceiling the op's floor is measured against."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), device, warmup=2, repeats=10)
-    del src, dst
-    return 2 * nbytes / (t.median_ms / 1e3)
-
-
 def bench_op(
     device: torch.device,
     *,
@@ -112,9 +103,11 @@ def bench_op(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per (case, batch, pass) with the median ms of every backend,
-    the speed-up of the first over the others and the extra peak memory."""
+    the speed-up of the first over the others, the extra peak memory, and the
+    first backend's roofline: achieved GFLOP/s (:func:`op_flops`) and time
+    against the byte floor (:func:`min_bytes` at the measured copy rate)."""
     rows = []
-    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    bandwidth = copy_bandwidth(device)
     for key in cases or list(CASES):
         case = CASES[key]
         for batch in batches:
@@ -125,6 +118,7 @@ def bench_op(
                     "case": case.name, "batch": batch, "pass": "fwd+bwd" if backward else "fwd",
                     "tokens": int(inputs[0].shape[1]), "queries": int(inputs[3].shape[1]),
                     "dtype": str(dtype).replace("torch.", ""), "output_mb": out_bytes / 2**20,
+                    "threads": torch.get_num_threads(),
                 }
                 for backend in backends:
                     if progress:
@@ -136,10 +130,14 @@ def bench_op(
                 if len(backends) > 1:
                     for other in backends[1:]:
                         row[f"speedup_vs_{other}"] = row[f"{other}_ms"] / row[f"{backends[0]}_ms"]
-                if bandwidth is not None:
-                    row["copy_gb_s"] = bandwidth / 1e9
-                    row["floor_ms"] = min_bytes(inputs, backward) / bandwidth * 1e3
-                    row["x_floor"] = row[f"{backends[0]}_ms"] / row["floor_ms"]
+                value, _, _, loc, _ = inputs
+                N, Lq, M, L, P, _ = loc.shape
+                flops = op_flops(N, Lq, M, L, P, value.shape[3], backward)
+                row["gflop"] = flops / 1e9
+                row["gflops"] = flops / (row[f"{backends[0]}_ms"] / 1e3) / 1e9
+                row["copy_gb_s"] = bandwidth / 1e9
+                row["floor_ms"] = min_bytes(inputs, backward) / bandwidth * 1e3
+                row["x_floor"] = row[f"{backends[0]}_ms"] / row["floor_ms"]
                 rows.append(row)
             del inputs
     return rows

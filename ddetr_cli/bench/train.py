@@ -34,10 +34,12 @@ def bench_train(
     amp: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     preset_name: str = "r50",
+    backend: str = "native",
 ) -> dict:
     """Times ``iters`` full training steps (forward + loss + backward + clip +
     AdamW step) after ``warmup`` untimed ones. ``amp``: None/'off', 'bf16',
-    'fp16', 'auto'. ``progress(done, total)`` is called after every step.
+    'fp16', 'auto'. ``backend``: the deformable-attention op (native | torch).
+    ``progress(done, total)`` is called after every step.
     Returns images/s, seconds per iteration and peak CUDA memory."""
     from ..engine.parts.amp import amp_dtype, needs_grad_scaler
     from ..engine.config import TrainConfig
@@ -48,6 +50,7 @@ def bench_train(
     device = torch.device(device)
     cfg = TrainConfig(amp=amp or "off")
     model = build_model(preset(preset_name)).to(device).train()
+    model.set_msda_backend(backend)
     num_classes = model.config.num_classes
     criterion = build_criterion(cfg, num_classes)
     optimizer = build_optimizer(model, cfg)
@@ -61,7 +64,7 @@ def bench_train(
         train_step(model, criterion, optimizer, images, mask, targets, clip_max_norm=cfg.clip_max_norm, dtype=dtype, scaler=scaler)
 
     times = _time_steps(step, device, warmup, iters, progress)
-    return _row(preset_name, device, batch, height, width, dtype, iters, times)
+    return {"name": f"ddetr ({backend} op)", **_row(preset_name, device, batch, height, width, dtype, iters, times)}
 
 
 def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int,
@@ -101,6 +104,7 @@ def _row(name: str, device: torch.device, batch: int, height: int, width: int, d
         "sec_per_iter": per_iter,
         "images_per_s": batch / per_iter if times else float("nan"),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -129,7 +133,7 @@ def bench_train_hf(
     else:
         error = "transformers is not installed"
     dtype = amp_dtype(amp or "off", device)
-    row = _row("transformers", device, batch, height, width, dtype, iters, [])
+    row = {"name": "transformers", **_row("transformers", device, batch, height, width, dtype, iters, [])}
     if hf is None:
         return {**row, "error": error}
     hf.train()
@@ -161,4 +165,4 @@ def bench_train_hf(
         times = _time_steps(step, device, warmup, iters)
     except Exception as exc:  # noqa: BLE001 - e.g. transformers 5.24's NameError in its loss
         return {**row, "error": f"{type(exc).__name__}: {exc}"}
-    return _row("transformers", device, batch, height, width, dtype, iters, times)
+    return {"name": "transformers", **_row("transformers", device, batch, height, width, dtype, iters, times)}

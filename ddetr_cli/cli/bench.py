@@ -37,46 +37,20 @@ def _environment(device) -> dict:
     return env
 
 
-def _fmt(x, spec=".1f", none="-"):
-    return none if x is None else format(x, spec)
-
-
-def _op_table(rows, env):
-    from rich.table import Table
-
-    t = Table(title=f"ms_deform_attn on {env['device']} · {rows[0]['dtype'] if rows else ''} · {env['threads']} threads"
-              f"{' · ' + env['native_isa'] if env.get('native_isa') else ''}", title_justify="left")
-    floor = bool(rows) and "floor_ms" in rows[0]
-    cols = ["case", "batch", "pass", "native ms", "torch ms", "speed-up", "native peak MB", "torch peak MB", "output MB"]
-    if floor:
-        cols += ["floor ms", "x floor"]
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("case", "pass") else "right")
-    spec = ".3f" if env["device"].startswith("cuda") else ".1f"
-    for r in rows:
-        cells = [
-            r["case"], str(r["batch"]), r["pass"], _fmt(r.get("native_ms"), spec), _fmt(r.get("torch_ms"), spec),
-            _fmt(r.get("speedup_vs_torch"), ".1f") + ("x" if r.get("speedup_vs_torch") else ""),
-            _fmt(r.get("native_peak_mb")), _fmt(r.get("torch_peak_mb")), _fmt(r["output_mb"]),
-        ]
-        if floor:
-            cells += [_fmt(r["floor_ms"], ".3f"), _fmt(r["x_floor"], ".1f") + "x"]
-        t.add_row(*cells)
-    return t
-
-
-def _rows_table(title: str, rows: list[dict]):
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))))
-    for c in cols:
-        sample = next(r[c] for r in rows if c in r)
-        t.add_column(c, justify="left" if isinstance(sample, str) else "right")
-    for r in rows:
-        t.add_row(*(_fmt(r.get(c), ".2f") if isinstance(r.get(c), float) else "-" if r.get(c) is None else str(r[c])
-                    for c in cols))
-    return t
+def parse_threads(values: tuple[str, ...]) -> list[int]:
+    """``--threads 1,2,4`` / ``--threads "1 2 4"`` / repeated -> [1, 2, 4] (order kept, duplicates dropped)."""
+    counts: list[int] = []
+    for value in values:
+        for item in value.replace(",", " ").split():
+            try:
+                n = int(item)
+            except ValueError:
+                raise click.BadParameter(f"{item!r} is not a thread count", param_hint="'--threads'") from None
+            if n < 1:
+                raise click.BadParameter(f"thread counts must be >= 1, got {n}", param_hint="'--threads'")
+            if n not in counts:
+                counts.append(n)
+    return counts
 
 
 @click.command("bench")
@@ -89,7 +63,8 @@ def _rows_table(title: str, rows: list[dict]):
               help="Batch sizes (repeatable; default: op 1 and 2, --model 1, --train 2).")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: PyTorch's).")
+@click.option("--threads", multiple=True, metavar="N[,N...]",
+              help="CPU thread counts: one, or a list (1,2,4,8 or repeated) for a thread-scaling table (default: PyTorch's).")
 @click.option("--no-torch", is_flag=True, help="Op and --model: skip the slow grid_sample reference.")
 @click.option("--model", "model_bench", is_flag=True, help="End-to-end R50 Deformable DETR inference (ours native/torch op, HF if installed).")
 @click.option("--train", "train_bench", is_flag=True, help="Training throughput (images/s) of R50 at the official recipe.")
@@ -111,15 +86,18 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     """
     import torch
 
+    from ..bench.roofline import matmul_gflops
     from ..engine.parts.device import resolve_device
 
     with user_errors():
         dev = resolve_device(device)
-    if threads:
-        torch.set_num_threads(threads)
+    counts = parse_threads(threads) or [torch.get_num_threads()]
+    if not model_bench and not train_bench:
+        _check_op_available(dev, device, dtype)
     torch_dtype = getattr(torch, dtype)
-    env = _environment(dev)
-    report: dict = {"environment": env}
+    torch.set_num_threads(counts[0])
+    env = {**_environment(dev), "thread_counts": counts}
+    report: dict = {"environment": env, "roofline": []}
     status = app.err.status("benchmarking…") if app.interactive else None
 
     def progress(msg: str) -> None:
@@ -131,50 +109,23 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     if status is not None:
         status.start()
     try:
-        if model_bench:
-            from ..bench.model import bench_model
+        for n in counts:
+            torch.set_num_threads(n)
+            progress(f"matmul ceiling at {n} threads")
+            report["roofline"].append({"threads": n, "matmul_gflops": matmul_gflops(dev, torch_dtype)})
+            if model_bench:
+                report.setdefault("model", []).extend(
+                    _bench_model(dev, dtype, batches, input_size, warmup, repeats, no_hf, no_torch, weights, progress))
+            if train_bench:
+                report.setdefault("train", []).extend(
+                    _bench_train(dev, dtype, batches, input_size, warmup, repeats, no_hf, no_torch, progress))
+            if not model_bench and not train_bench:
+                from ..bench.op import bench_op
 
-            model = onnx = None
-            if weights is not None:
-                from ..engine.loops.runner import is_onnx, load_runner
-
-                with user_errors():
-                    runner = load_runner(weights, dev)
-                onnx, model = (runner.path, None) if is_onnx(runner) else (None, runner.model)
-            rows = bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=input_size[0], width=input_size[1],
-                               warmup=warmup, repeats=repeats, include_hf=not no_hf, include_torch_op=not no_torch,
-                               progress=progress, model=model, onnx=onnx)
-            report["model"] = rows
-        if train_bench:
-            from ..bench.train import bench_train
-
-            from ..bench.train import bench_train_hf
-
-            train_args = dict(batch=(batches or (2,))[0], height=input_size[0], width=input_size[1], iters=repeats,
-                              warmup=warmup, amp={"bfloat16": "bf16", "float16": "fp16"}.get(dtype))
-            rows = [bench_train(dev, **train_args, progress=lambda done, total: progress(f"training step {done}/{total}"))]
-            if not no_hf:
-                progress("transformers training step")
-                hf_row = bench_train_hf(dev, **train_args)
-                if hf_row.get("error") is None:
-                    hf_row["ddetr_speedup"] = rows[0]["sec_per_iter"] and hf_row["sec_per_iter"] / rows[0]["sec_per_iter"]
-                rows.append(hf_row)
-            report["train"] = rows
-        if not model_bench and not train_bench:
-            from ..bench.op import bench_op
-            from ..ops import native_supports
-
-            if not native_supports(dev):
-                from ..ops import extension_error
-
-                why = extension_error() or f"this build has no {dev.type.upper()} kernels"
-                raise click.ClickException(f"--device {device}: the native kernel is unavailable ({why})")
-            allowed = {"cpu": ("float32", "float64", "bfloat16")}.get(dev.type, DTYPES)
-            if dtype not in allowed:
-                raise click.BadParameter(f"{dtype} is not supported by the {dev.type} kernel ({', '.join(allowed)})", param_hint="--dtype")
-            report["op"] = bench_op(dev, dtype=torch_dtype, cases=list(cases) or None, batches=tuple(batches) or (1, 2),
-                                    backends=("native",) if no_torch else ("native", "torch"),
-                                    warmup=warmup, repeats=repeats, progress=progress)
+                report.setdefault("op", []).extend(bench_op(
+                    dev, dtype=torch_dtype, cases=list(cases) or None, batches=tuple(batches) or (1, 2),
+                    backends=("native",) if no_torch else ("native", "torch"), warmup=warmup, repeats=repeats,
+                    progress=lambda msg, n=n: progress(f"{msg} ({n} threads)")))
     except torch.cuda.OutOfMemoryError as exc:
         raise click.ClickException(f"out of GPU memory ({str(exc).splitlines()[0]}); try --batch-size 1 or a smaller --input-size") from None
     finally:
@@ -184,14 +135,75 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     if json_path is not None and str(json_path) == "-":
         app.out.print_json(json.dumps(report))
         return
-    if "op" in report:
-        app.out.print(_op_table(report["op"], env))
-    if "model" in report:
-        app.out.print(_rows_table(f"Deformable DETR R50 inference on {env['device']} · {dtype} · {input_size[0]}x{input_size[1]}", report["model"]))
-    if "train" in report:
-        rows = report["train"] if isinstance(report["train"], list) else [report["train"]]
-        app.out.print(_rows_table(f"Training step R50 on {env['device']}", rows))
+    _print_report(app, report, env, dtype, input_size)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))
         app.info(f"figures written to {json_path}")
+
+
+def _check_op_available(dev, device: str, dtype: str) -> None:
+    from ..ops import extension_error, native_supports
+
+    if not native_supports(dev):
+        why = extension_error() or f"this build has no {dev.type.upper()} kernels"
+        raise click.ClickException(f"--device {device}: the native kernel is unavailable ({why})")
+    allowed = {"cpu": ("float32", "float64", "bfloat16")}.get(dev.type, DTYPES)
+    if dtype not in allowed:
+        raise click.BadParameter(f"{dtype} is not supported by the {dev.type} kernel ({', '.join(allowed)})", param_hint="--dtype")
+
+
+def _bench_model(dev, dtype, batches, input_size, warmup, repeats, no_hf, no_torch, weights, progress) -> list[dict]:
+    from ..bench.model import bench_model
+
+    model = onnx = None
+    if weights is not None:
+        from ..engine.loops.runner import is_onnx, load_runner
+
+        with user_errors():
+            runner = load_runner(weights, dev)
+        onnx, model = (runner.path, None) if is_onnx(runner) else (None, runner.model)
+    return bench_model(dev, dtype=dtype, batch=(batches or (1,))[0], height=input_size[0], width=input_size[1],
+                       warmup=warmup, repeats=repeats, include_hf=not no_hf, include_torch_op=not no_torch,
+                       progress=progress, model=model, onnx=onnx)
+
+
+def _bench_train(dev, dtype, batches, input_size, warmup, repeats, no_hf, no_torch, progress) -> list[dict]:
+    from ..bench.train import bench_train, bench_train_hf
+
+    args = dict(batch=(batches or (2,))[0], height=input_size[0], width=input_size[1], iters=repeats, warmup=warmup,
+                amp={"bfloat16": "bf16", "float16": "fp16"}.get(dtype))
+    rows = []
+    for backend in ("native",) if no_torch else ("native", "torch"):
+        rows.append(bench_train(dev, **args, backend=backend,
+                                progress=lambda done, total, b=backend: progress(f"training step ({b} op) {done}/{total}")))
+    if not no_hf:
+        progress("transformers training step")
+        rows.append(bench_train_hf(dev, **args))
+    return rows
+
+
+def _print_report(app: App, report: dict, env: dict, dtype: str, input_size) -> None:
+    from . import bench_tables as tables
+
+    counts = env["thread_counts"]
+    rooflines = {r["threads"]: r for r in report["roofline"]}
+    for n in counts:
+        def at(rows: list[dict], n=n) -> list[dict]:
+            return [r for r in rows if r.get("threads", n) == n]
+
+        if "op" in report:
+            app.out.print(tables.op_table(at(report["op"]), env, n))
+            app.out.print(tables.op_memory_table(at(report["op"]), env))
+            app.out.print(tables.roofline_line(rooflines[n], at(report["op"])))
+        if "model" in report:
+            title = f"R50 inference · {env['device']} · {dtype} · {input_size[0]}x{input_size[1]} · {n} threads"
+            app.out.print(tables.model_table(at(report["model"]), title))
+            app.out.print(tables.model_roofline_table(at(report["model"]), rooflines[n]))
+        if "train" in report:
+            app.out.print(tables.train_table(at(report["train"]), f"R50 training step · {env['device']} · {n} threads"))
+    if len(counts) > 1 and "op" in report:
+        app.out.print(tables.scaling_table(report["op"], ("case", "batch", "pass"), "native_ms",
+                                           "thread scaling · ours ms", tables.ms_spec(env["device"])))
+    if len(counts) > 1 and "model" in report:
+        app.out.print(tables.scaling_table(report["model"], ("name",), "ms_per_img", "thread scaling · ms per image", ".1f"))
