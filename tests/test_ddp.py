@@ -83,7 +83,10 @@ def test_two_process_step_equals_single_process(tmp_path):
     init = _model().state_dict()
     moved = 0
     for k, v in single.items():
-        assert torch.allclose(ddp_state[k], v, atol=2e-6, rtol=1e-4), k
+        # Adam turns the rounding noise of near-zero gradients (the key bias of
+        # self-attention has an exactly-zero one) into steps of up to lr = 1e-3
+        # times that noise: a few 1e-6 here, where a wrong gradient moves by ~1e-3.
+        assert torch.allclose(ddp_state[k], v, atol=5e-6, rtol=1e-4), k
         moved += int(not torch.equal(v, init[k]))
     assert moved > 10  # the step really changed weights
 

@@ -396,3 +396,28 @@ def test_ctrl_c_saves_between_steps_and_resumes(tiny_yaml, tmp_path, one_thread)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     ckpt = load_train_checkpoint(tmp_path / "int" / "weights" / "last.pt")
     assert ckpt["global_step"] == 1 and ckpt["step_in_epoch"] == 1 and ckpt["epoch"] == 0
+
+
+def test_ema_update_is_the_moving_average_and_copies_integer_buffers():
+    """ema = d * ema + (1 - d) * model for every float tensor (one fused lerp), integer buffers copied."""
+    from ddetr_cli.engine.parts.ema import ModelEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model[1].num_batches_tracked.fill_(7)
+    ema = ModelEMA(model, decay=0.9, warmup=1, updates=100)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[1].running_mean.add_(1.0)
+        model[1].num_batches_tracked.fill_(9)
+    ema.update(model)
+    d = ema.current_decay()
+    for k, v in ema.module.state_dict().items():
+        new = model.state_dict()[k]
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, d * before[k] + (1 - d) * new, rtol=0, atol=1e-6)
+            assert k == "1.running_var" or not torch.equal(v, before[k]), k  # running_var stayed 1
+        else:
+            assert torch.equal(v, new), k

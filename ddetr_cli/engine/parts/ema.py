@@ -30,12 +30,16 @@ class ModelEMA:
         self.updates += 1
         d = self.current_decay()
         src = _unwrap(model).state_dict()
+        averaged, latest = [], []
         for name, value in self.module.state_dict().items():
             new = src[name].detach()
             if value.dtype.is_floating_point:
-                value.mul_(d).add_(new.to(value.dtype), alpha=1 - d)
+                averaged.append(value)
+                latest.append(new.to(value.dtype))
             else:
                 value.copy_(new)
+        if averaged:  # ema + (1 - d) * (new - ema), one fused call over all tensors (not two per tensor)
+            torch._foreach_lerp_(averaged, latest, 1 - d)
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "warmup": self.warmup}

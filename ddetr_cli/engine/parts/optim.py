@@ -45,4 +45,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW over :func:`param_groups`; the fused implementation (one kernel over
+    all parameters) when they all live on the CPU or a CUDA device, where PyTorch
+    has one: on a CPU its default is a Python loop over the tensors."""
+    groups = param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
