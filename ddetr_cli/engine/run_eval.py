@@ -74,7 +74,8 @@ def run_evaluation(
     predictions beside the ground truth into ``out``, else a fresh
     ``project/name`` folder (``exp``, ``exp2``, ...).
     ``reporter``: progress; ``log``: one-line messages (default: the ``ddetr``
-    logger).
+    logger). A PyTorch model is fused for inference (batch norm folded into the
+    convolutions, :func:`~ddetr_cli.models.fuse_for_inference`).
 
     Returns an :class:`EvalRun` on rank 0, None on other ranks. Raises
     :class:`~ddetr_cli.errors.DdetrError` subclasses: bad ``batch_size``, data

@@ -50,11 +50,18 @@ class ModelRunner(Protocol):
 
 class TorchRunner:
     """A PyTorch detector (already on ``device``, eval mode) as a runner;
-    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast;
-    ``cuda_graph``: on CUDA, replay the forward from a CUDA graph captured per
-    input shape (:mod:`ddetr_cli.runtime.cuda_graph`); ignored on the CPU."""
+    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast; ``cuda_graph``: on CUDA, replay the
+    forward from a CUDA graph captured per input shape
+    (:mod:`ddetr_cli.runtime.cuda_graph`); ignored on the CPU. ``fuse``: fold
+    batch norm into the convolutions (:func:`~ddetr_cli.models.fuse.fuse_for_inference`),
+    in place: for a model that only this runner uses (:func:`load_runner`'s)."""
 
-    def __init__(self, model, device: torch.device | str = "cpu", amp: str = "off", cuda_graph: bool = False) -> None:
+    def __init__(self, model, device: torch.device | str = "cpu", amp: str = "off", cuda_graph: bool = False,
+                 fuse: bool = False) -> None:
+        if fuse:
+            from ...models.fuse import fuse_for_inference
+
+            model = fuse_for_inference(model.eval())
         self.model = model
         self.device = torch.device(device)
         self.class_names: list[str] = list(getattr(model, "class_names", None) or [])
@@ -87,7 +94,8 @@ def load_runner(weights: str | Path | None, device, *, backend: str = "auto", am
     :func:`ddetr_cli.checkpoints.hub.resolve`). An ``.onnx`` file ->
     :class:`~ddetr_cli.runtime.onnx.OnnxRunner` (``amp``, ``cuda_graph`` and
     ``backend`` do not apply); a PyTorch checkpoint (own ``.pt``, official
-    ``.pth``, Hugging Face folder) -> :class:`TorchRunner`. The one place a
+    ``.pth``, Hugging Face folder) -> :class:`TorchRunner`, its model fused for
+    inference (the runner owns it: nothing saves or trains it). The one place a
     runner is chosen. The runner's ``source`` says what was loaded from where
     (``"r50-two-stage (SenseTime/...) from <snapshot>"``).
 
@@ -115,7 +123,7 @@ def load_runner(weights: str | Path | None, device, *, backend: str = "auto", am
         except (ValueError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{weights}: cannot load model ({first})", param="weights") from None
-        runner = TorchRunner(model, device, amp=amp, cuda_graph=cuda_graph)
+        runner = TorchRunner(model, device, amp=amp, cuda_graph=cuda_graph, fuse=True)
     runner.source = resolved.describe()
     runner.hub = resolved.hub
     return runner
