@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from ...errors import CheckpointError
-from ..parts.amp import amp_dtype
+from ..parts.amp import resolve_amp
 
 WEIGHTS_HELP = (
     "Pass a local file or folder (a ddetr .pt, an official Deformable DETR .pth from the GitHub releases of "
@@ -50,7 +50,9 @@ class ModelRunner(Protocol):
 
 class TorchRunner:
     """A PyTorch detector (already on ``device``, eval mode) as a runner;
-    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast; ``cuda_graph``: on CUDA, replay the
+    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast, resolved by
+    :func:`~..parts.amp.resolve_amp` (``amp_note``: its warning, e.g. bf16 asked
+    on a CPU without native bf16, or None); ``cuda_graph``: on CUDA, replay the
     forward from a CUDA graph captured per input shape
     (:mod:`ddetr_cli.runtime.cuda_graph`); ignored on the CPU. ``fuse``: fold
     batch norm into the convolutions (:func:`~ddetr_cli.models.fuse.fuse_for_inference`),
@@ -67,7 +69,7 @@ class TorchRunner:
         self.class_names: list[str] = list(getattr(model, "class_names", None) or [])
         self.category_ids: list[int] | None = getattr(model, "category_ids", None)
         self.input_size: tuple[int, int] | None = getattr(model, "input_size", None)
-        self.amp_dtype = amp_dtype(amp, self.device)
+        self.amp_dtype, self.amp_note = resolve_amp(amp, self.device)
         self.graphed = None
         if cuda_graph and self.device.type == "cuda":
             from ...runtime.cuda_graph import CudaGraphRunner
