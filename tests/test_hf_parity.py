@@ -109,6 +109,20 @@ def test_hf_directory_matches_transformers(variant, backend, tmp_path_factory):
     assert d_logits <= TOL and d_boxes <= TOL, (variant, backend, d_logits, d_boxes)
 
 
+@pytest.mark.parametrize("variant", ["two-stage", "bottleneck-refine"])
+def test_fused_model_matches_transformers(variant, tmp_path_factory):
+    """What predict and eval run: the loaded model fused for inference (batch norm
+    folded into the convolutions, backbone in channels_last)."""
+    from ddetr_cli.engine.loops.runner import load_runner
+    from ddetr_cli.models.fuse import is_fused
+
+    _, directory, ref_logits, ref_boxes = hf_case(variant, tmp_path_factory)
+    model = load_runner(directory, "cpu").model
+    assert is_fused(model)
+    d_logits, d_boxes = max_diffs(model, ref_logits, ref_boxes)
+    assert d_logits <= TOL and d_boxes <= TOL, (variant, d_logits, d_boxes)
+
+
 # --- the official layout, written from the HF model by an independent renaming ---
 
 _OFFICIAL_RULES = [

@@ -389,3 +389,93 @@ def test_ordered_grad_value_matches_the_kernel(shapes):
     shapes_list = [tuple(s) for s in spatial.tolist()]
     got = msda_grad_value(grad.view(2, 7, 3, 5), shapes_list, start.tolist(), loc, attn, value.shape[1])
     torch.testing.assert_close(got, v.grad, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------- level geometry made once per forward
+
+
+def _geometry(shapes):
+    from ddetr_cli.ops import LevelGeometry
+
+    return LevelGeometry.build(shapes, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_levels_entry_matches_the_public_op(backend):
+    from ddetr_cli.ops import ms_deform_attn_levels
+
+    shapes = [(6, 4), (3, 5), (1, 1)]
+    value, spatial, start, loc, attn = make_case(shapes, N=2, Lq=7, M=2, D=8, P=3, seed=4)
+    geometry = _geometry(shapes)
+    assert torch.equal(geometry.spatial_shapes, spatial) and torch.equal(geometry.level_start_index, start)
+    assert geometry.total == value.shape[1] and geometry.hw == (6, 4, 3, 5, 1, 1)
+    assert torch.equal(geometry.offset_normalizer, torch.tensor([[4.0, 6.0], [5.0, 3.0], [1.0, 1.0]]))
+    got = ms_deform_attn_levels(value, geometry, loc, attn, backend=backend)
+    torch.testing.assert_close(got, ms_deform_attn_torch(value, spatial, start, loc, attn), rtol=1e-12, atol=1e-12)
+
+
+def test_levels_entry_checks_the_tensors_against_the_geometry():
+    from ddetr_cli.ops import LevelGeometry, ms_deform_attn_levels
+
+    value, _, _, loc, attn = _good()  # levels (6, 4), (3, 5)
+    with pytest.raises(ValueError, match="spatial_shapes: has 3 levels, but sampling_locations has L = 2"):
+        ms_deform_attn_levels(value, _geometry([(6, 4), (3, 5), (1, 1)]), loc, attn)
+    with pytest.raises(ValueError, match="value: S = 39, but spatial_shapes sum to 38"):
+        ms_deform_attn_levels(value, _geometry([(6, 4), (2, 7)]), loc, attn)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn_levels(value, _geometry([(6, 4), (3, 5)]), loc, attn[..., :2])
+    with pytest.raises(ValueError, match="spatial_shapes: level 1 has size 3x0"):
+        LevelGeometry.build([(6, 4), (3, 0)], "cpu")
+
+
+def test_each_entry_checks_its_geometry_once(monkeypatch):
+    """ms_deform_attn reads and checks the geometry tensors once per call (the
+    custom op does not again); ms_deform_attn_levels never reads them."""
+    from ddetr_cli.ops import ms_deform_attn_levels
+
+    from ddetr_cli.ops import msda_checks
+
+    calls = []
+    real = msda_checks._level_geometry
+    monkeypatch.setattr(msda_checks, "_level_geometry", lambda *a: calls.append(1) or real(*a))
+    value, spatial, start, loc, attn = _good()
+    value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
+    native(value, spatial, start, loc, attn).sum().backward()
+    assert len(calls) == 1
+    calls.clear()
+    ms_deform_attn_levels(value, _geometry([(6, 4), (3, 5)]), loc, attn, backend="native").sum().backward()
+    assert calls == []
+
+
+def test_opcheck_of_the_levels_op():
+    value, _, _, loc, attn = make_case([(6, 4), (3, 5)], N=2, Lq=5, M=2, D=8, P=2, dtype=torch.float32)
+    for t in (value, loc, attn):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.ddetr.ms_deform_attn_levels.default, (value, [6, 4, 3, 5], loc, attn))
+
+
+def test_gradcheck_of_the_tensor_geometry_op():
+    """``torch.ops.ddetr.ms_deform_attn`` (tensor geometry, for direct callers) has its own autograd."""
+    value, spatial, start, loc, attn = make_case([(3, 4), (2, 2)], N=1, Lq=3, M=2, D=3, P=2, seed=8)
+    value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
+    op = torch.ops.ddetr.ms_deform_attn
+    assert torch.autograd.gradcheck(lambda v, l, a: op(v, spatial, start, l, a), (value, loc, attn), eps=1e-6, atol=1e-7)
+
+
+def test_model_forward_builds_its_geometry_once_and_never_reads_it_back(monkeypatch):
+    from ddetr_cli.models import build_model, preset
+    from ddetr_cli.ops import LevelGeometry, msda_checks
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", num_classes=3)).eval()
+    images = torch.randn(1, 3, 96, 128)
+    builds = []
+    real_build = LevelGeometry.build.__func__
+    monkeypatch.setattr(LevelGeometry, "build", classmethod(lambda cls, *a: builds.append(1) or real_build(cls, *a)))
+    monkeypatch.setattr(msda_checks, "_level_geometry", lambda *a: pytest.fail("the model's op call read the geometry"))
+    with torch.inference_mode():
+        first = model(images)
+        assert builds == [1]
+        again = model(images)  # the same size: the cached geometry
+    assert builds == [1]
+    torch.testing.assert_close(first["pred_boxes"], again["pred_boxes"], rtol=0, atol=0)

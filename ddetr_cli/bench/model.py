@@ -113,7 +113,7 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
     random R50. ``onnx``: also time this exported graph in onnxruntime (CPU, the
     same thread count; whole-model time only).
     """
-    from ..models import build_model, preset
+    from ..models import build_model, fuse_for_inference, preset
 
     device = torch.device(device)
     if dtype not in DTYPES:
@@ -146,7 +146,7 @@ def bench_model(device: torch.device, *, dtype: str = "float32", batch: int = 1,
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         torch.manual_seed(0)
-        ours = (model if model is not None else build_model(preset("r50"))).to(device).eval()
+        ours = fuse_for_inference((model if model is not None else build_model(preset("r50"))).to(device).eval())
         parts = {"backbone": ours.backbone, "encoder": ours.transformer.encoder, "decoder": ours.transformer.decoder}
 
         def run_ours() -> object:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..models.config import ModelConfig
+from ..models.fuse import is_fused
 from .io import CheckpointError, atomic_torch_save, atomic_write, atomic_write_text
 from .official import clean_state_dict, load_weights
 
@@ -34,6 +35,11 @@ _META_KEY = "ddetr"
 
 
 def model_metadata(model: torch.nn.Module) -> dict[str, Any]:
+    """The metadata of a model file; refuses a model fused for inference (its
+    state dict is not the official layout that every reader expects)."""
+    if is_fused(model):
+        raise CheckpointError("this model was fused for inference (fuse_for_inference) and has no official-layout "
+                              "state dict to save; save the model before fusing it", param="model")
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -47,8 +53,8 @@ def model_metadata(model: torch.nn.Module) -> dict[str, Any]:
 
 def model_payload(model: torch.nn.Module) -> dict[str, Any]:
     """The checkpoint dict of ``model`` (CPU tensors and plain values only)."""
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {**model_metadata(model), "model": sd}
+    meta = model_metadata(model)
+    return {**meta, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
 def sidecar_path(path: str | Path) -> Path:

@@ -54,7 +54,7 @@ def command(app: App, data: str, weights: str, split: str, coco_json: str | None
         ev = run_evaluation(
             data, weights, split=split, batch_size=batch_size, imgsz=imgsz, max_size=max_size, device=device,
             workers=workers, amp=amp, coco_json=coco_json, plots=plots, conf=conf, project=project, name=name, out=out,
-            reporter=RichReporter(app.err, interactive=app.interactive, quiet=app.quiet), log=app.info,
+            reporter=RichReporter(app.err, interactive=app.interactive, quiet=app.quiet), log=app.info, warn=app.warn,
         )  # fmt: skip
     if ev is None:  # not rank 0
         return

@@ -56,7 +56,9 @@ def batch_size(default: int | None, help: str = "Images per batch."):
 
 def amp(default: str | None = "off"):
     return click.option("--amp", type=click.Choice(AMP_MODES), default=default, show_default=default is not None,
-                        help="Mixed precision (autocast dtype; off on CPU unless bf16/fp16).")  # fmt: skip
+                        help="Mixed precision (autocast dtype). On a CPU fp16 means bf16, which runs only where the "
+                             "CPU has native bf16 (else float32, with a warning; DDETR_CPU_BF16=1 forces bf16); "
+                             "auto: bf16 on such CPUs, else off.")  # fmt: skip
 
 
 def workers(default: int | None):

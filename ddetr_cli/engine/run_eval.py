@@ -62,6 +62,7 @@ def run_evaluation(
     out: str | Path | None = None,
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> EvalRun | None:
     """Evaluates ``weights`` on ``split`` of ``data`` (a dataset YAML or ``"shapes"``).
 
@@ -73,8 +74,10 @@ def run_evaluation(
     ``plots``: also draw the PR curve, the confusion matrix (at ``conf``) and
     predictions beside the ground truth into ``out``, else a fresh
     ``project/name`` folder (``exp``, ``exp2``, ...).
-    ``reporter``: progress; ``log``: one-line messages (default: the ``ddetr``
-    logger).
+    ``reporter``: progress; ``log`` / ``warn``: one-line messages (default: the
+    ``ddetr`` logger). A PyTorch model is fused for inference (batch norm folded
+    into the convolutions); ``amp`` bf16 on a CPU without native bf16 runs in
+    float32 and ``warn`` says so (:func:`~.parts.amp.resolve_amp`).
 
     Returns an :class:`EvalRun` on rank 0, None on other ranks. Raises
     :class:`~ddetr_cli.errors.DdetrError` subclasses: bad ``batch_size``, data
@@ -88,7 +91,7 @@ def run_evaluation(
         raise DdetrError(f"must be >= 1, got {batch_size}", param="batch_size")
     if not 0 <= conf <= 1:
         raise DdetrError(f"must be in [0, 1], got {conf}", param="conf")
-    log = log or _log.info
+    log, warn = log or _log.info, warn or _log.warning
     reporter = reporter or NullReporter()
     if coco_json:  # before any inference, not after it
         from ..checkpoints.io import check_writable
@@ -109,7 +112,7 @@ def run_evaluation(
         model = runner.model if isinstance(runner, TorchRunner) else runner  # the loop does its own autocast
         imgsz, max_size = inference_size(model.input_size, imgsz, max_size)
         ev = _evaluate(model, weights, sc, dc.names, split, batch_size, imgsz, max_size, dev, info, workers, amp,
-                       coco_json, reporter, log)
+                       coco_json, reporter, log, warn)
         if ev is not None and plots:
             ev.plots_dir = _plots(ev, conf, project, name, out)
         return ev
@@ -119,14 +122,14 @@ def run_evaluation(
 
 
 def _evaluate(model, weights, sc, dataset_names, split, batch_size, imgsz, max_size, device, info, workers, amp, coco_json,
-              reporter: Reporter, log) -> EvalRun | None:
+              reporter: Reporter, log, warn) -> EvalRun | None:
     import torch
 
     from ..checkpoints.io import atomic_write_text
     from ..data import collate_eval, make_eval_transforms
     from ..data.split import open_split
     from .loops.evaluate import evaluate
-    from .parts.amp import amp_dtype
+    from .parts.amp import resolve_amp
     from .parts.labelmap import resolve_label_map
     from .parts.sampler import ShardSampler
 
@@ -146,7 +149,10 @@ def _evaluate(model, weights, sc, dataset_names, split, batch_size, imgsz, max_s
     if info.is_main:
         log(f"evaluating {weights} on {split} ({len(dataset)} images, {imgsz}px, device {device})")
         reporter.eval_start(len(dataset))
-    result = evaluate(model, loader, dataset.coco, label_to_cat, device, amp_dtype=amp_dtype(amp, device),
+    dtype, amp_note = resolve_amp(amp, device)
+    if amp_note and info.is_main:
+        warn(amp_note)
+    result = evaluate(model, loader, dataset.coco, label_to_cat, device, amp_dtype=dtype,
                       on_batch=reporter.eval_step if info.is_main else None)
     reporter.close()
     if not info.is_main or result is None:

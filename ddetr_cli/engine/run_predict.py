@@ -73,6 +73,8 @@ def run_prediction(weights: str | Path | None, sources: Sequence[str], options: 
     reporter.info(f"loaded {runner.source}" + (" (onnxruntime)" if is_onnx(runner) else ""))
     if is_onnx(runner) and opts.amp != "off":
         reporter.warn("amp has no effect on an .onnx model (onnxruntime runs it in float32)")
+    elif getattr(runner, "amp_note", None):
+        reporter.warn(runner.amp_note)
     imgsz, max_size = inference_size(runner.input_size, opts.imgsz, opts.max_size)
     predictor = Predictor(runner, imgsz=imgsz, max_size=max_size, conf=opts.conf, top_k=opts.top_k,
                           batch_size=opts.batch_size)  # fmt: skip

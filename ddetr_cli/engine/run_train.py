@@ -29,6 +29,7 @@ from ..errors import OutputError, RunError, TrainConfigError
 from .config import TrainConfig, merge, resolve
 from .loops.train import Trainer, TrainResult
 from .parts import distributed
+from .parts.amp import resolve_amp
 from .parts.device import resolve_device
 from .report.progress import Reporter
 from .runs.assemble import Datasets, build_datasets, build_model, check_scans
@@ -251,5 +252,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path | None, device, *, datasets: D
     model, notes = build_model(cfg, ds, ckpt, model_explicit=model_explicit)
     for note in notes:
         log(note) if note.startswith("fine-tuning") else warn(note)
+    amp_note = resolve_amp(cfg.amp, device)[1]  # bf16 asked on a CPU without native bf16
+    if amp_note:
+        warn(amp_note)
     return Trainer(cfg, model, ds.train, ds.val, ds.val.coco, list(ds.category_ids), run_dir, device,
                    reporter=reporter, resume=ckpt)  # fmt: skip

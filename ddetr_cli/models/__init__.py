@@ -2,6 +2,7 @@
 
 from .config import PRESETS, VARIANTS, ModelConfig, apply_variant, preset
 from .deformable_detr import DeformableDETR, build_model
+from .fuse import fuse_for_inference
 from .postprocess import postprocess
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ModelConfig",
     "apply_variant",
     "build_model",
+    "fuse_for_inference",
     "postprocess",
     "preset",
 ]

@@ -150,6 +150,7 @@ class ResNet(nn.Module):
         if dilation and spec.block != "bottleneck":
             raise ValueError("model config: dilation (DC5) needs a bottleneck ResNet (resnet50/101), as torchvision")
         block = Bottleneck if spec.block == "bottleneck" else BasicBlock
+        self.channels_last = False  # set by fuse_for_inference: convolutions in channels_last memory order
 
         def norm(stage: int):
             return BatchNorm2d if stage >= learnt_norm_from else FrozenBatchNorm2d
@@ -173,13 +174,16 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor, return_layers: tuple[int, ...] = (2, 3, 4)) -> list[torch.Tensor]:
-        """x [B, 3, H, W] -> the outputs of the stages in ``return_layers`` (1-based)."""
+        """x [B, 3, H, W] -> the outputs of the stages in ``return_layers`` (1-based),
+        contiguous (also when the trunk runs in channels_last)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # [B, stem, H/4, W/4]
         out = []
         for i in range(1, max(return_layers) + 1):
             x = getattr(self, f"layer{i}")(x)
             if i in return_layers:
-                out.append(x)
+                out.append(x.contiguous() if self.channels_last else x)
         return out
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.msda import ms_deform_attn
+from ..ops.geometry import LevelGeometry
+from ..ops.msda import ms_deform_attn_levels
 
 
 def grid_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:
@@ -58,10 +59,8 @@ class MSDeformAttn(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         input_flatten: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        geometry: LevelGeometry,
         input_padding_mask: torch.Tensor | None = None,
-        offset_normalizer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -69,11 +68,9 @@ class MSDeformAttn(nn.Module):
             reference_points: [N, Lq, L, 2] normalized (x, y) in [0, 1], or
                 [N, Lq, L, 4] boxes (cx, cy, w, h) whose w, h scale the offsets.
             input_flatten: [N, S, C] values of all levels, flattened.
-            spatial_shapes: [L, 2] int64 (H, W), on the CPU preferably.
-            level_start_index: [L] int64.
+            geometry: the level sizes, offsets and offset normaliser, made once per
+                model forward (:meth:`LevelGeometry.build`).
             input_padding_mask: [N, S] bool, True = padding (its values are zeroed).
-            offset_normalizer: optional [L, 2] float32 (W, H) on query's device,
-                precomputed once per forward by the caller (saves a copy per layer).
 
         Returns:
             [N, Lq, C].
@@ -90,19 +87,18 @@ class MSDeformAttn(nn.Module):
         weights = F.softmax(weights, -1).view(N, Lq, M, L, P)  # [N, Lq, M, L, P]
         ref = reference_points.float()
         if ref.shape[-1] == 2:
-            if offset_normalizer is None:
-                offset_normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=torch.float32)  # [L, 2] (W, H)
             # ref + offsets / (W, H), in one pass
-            locations = torch.addcdiv(ref[:, :, None, :, None, :], offsets, offset_normalizer[None, None, None, :, None, :])
+            locations = torch.addcdiv(ref[:, :, None, :, None, :], offsets,
+                                      geometry.offset_normalizer[None, None, None, :, None, :])
         elif ref.shape[-1] == 4:
             locations = ref[:, :, None, :, None, :2] + offsets / P * ref[:, :, None, :, None, 2:] * 0.5
         else:
             raise ValueError(f"reference_points: last dim must be 2 or 4, got {tuple(reference_points.shape)}")
         # locations [N, Lq, M, L, P, 2]
-        if isinstance(spatial_shapes, (list, tuple)):  # symbolic (H, W) pairs: torch.export / ONNX export
-            out = ms_deform_attn_symbolic(value, spatial_shapes, locations, weights)  # [N, Lq, C]
+        if geometry.symbolic:  # torch.export / ONNX export with dynamic sizes
+            out = ms_deform_attn_symbolic(value, geometry.shapes, locations, weights)  # [N, Lq, C]
         else:
-            out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # [N, Lq, C]
+            out = ms_deform_attn_levels(value, geometry, locations, weights, backend=self.backend)  # [N, Lq, C]
         return self.output_proj(out)
 
 

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DdetrError
 from .backbone import Backbone, Joiner, downsample_mask
 from .config import ModelConfig
 from .deformable_transformer import DeformableTransformer, inverse_sigmoid
+from .fuse import is_fused
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -105,6 +107,12 @@ class DeformableDETR(nn.Module):
             with torch.no_grad():
                 for head in self.bbox_embed:
                     head.layers[-1].bias[2:].fill_(0.0)
+
+    def train(self, mode: bool = True) -> DeformableDETR:
+        if mode and is_fused(self):
+            raise DdetrError("this model was fused for inference (fuse_for_inference): it cannot train; "
+                             "load the weights again to train", param="model")
+        return super().train(mode)
 
     def set_msda_backend(self, backend: str | None) -> None:
         """``auto``/None | ``native`` | ``torch`` for every deformable-attention module."""

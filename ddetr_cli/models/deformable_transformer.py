@@ -7,8 +7,10 @@ norm3}``, ``transformer.level_embed``, ``transformer.reference_points`` or the
 two-stage ``enc_output(_norm)``/``pos_trans(_norm)``), so official checkpoints
 load by name. Layers are post-norm, FFNs use ReLU.
 
-Level geometry (``spatial_shapes`` [L, 2] int64 and ``level_start_index`` [L])
-stays on the CPU: the op reads it on the host, so CUDA runs never sync on it.
+Level geometry (:class:`~ddetr_cli.ops.geometry.LevelGeometry`: sizes as Python
+ints, the official CPU tensors, the offset normaliser on the model's device) is
+made once per input size and device and passed to every layer, so no layer reads
+a tensor back to the host and CUDA runs never sync on it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.geometry import LevelGeometry
 from .config import ModelConfig
 from .deformable_attention import MSDeformAttn
 from .position_encoding import proposal_pos_embed
@@ -68,10 +71,9 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, offset_normalizer):
+    def forward(self, src, pos, reference_points, geometry, padding_mask):
         """src, pos [B, S, C]; reference_points [B, S, L, 2]; padding_mask [B, S] -> [B, S, C]."""
-        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
-                              offset_normalizer)
+        src2 = self.self_attn(src + pos, reference_points, src, geometry, padding_mask)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))  # [B, S, C]
         return self.norm2(src + self.dropout3(src2))
@@ -83,12 +85,12 @@ class DeformableTransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.num_layers = len(layers)
 
-    def forward(self, src, shapes, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask, offset_normalizer):
+    def forward(self, src, geometry, valid_ratios, pos, padding_mask):
         """src, pos [B, S, C]; valid_ratios [B, L, 2]; padding_mask [B, S] -> memory [B, S, C]."""
-        reference_points = encoder_reference_points(shapes, valid_ratios)  # [B, S, L, 2], once for all layers
+        reference_points = encoder_reference_points(geometry.shapes, valid_ratios)  # [B, S, L, 2], once for all layers
         out = src
         for layer in self.layers:
-            out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask, offset_normalizer)
+            out = layer(out, pos, reference_points, geometry, padding_mask)
         return out
 
 
@@ -108,15 +110,13 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask,
-                offset_normalizer, self_attn_mask=None):
+    def forward(self, tgt, query_pos, reference_points, memory, geometry, padding_mask, self_attn_mask=None):
         """tgt, query_pos [B, Q, C]; reference_points [B, Q, L, 2|4]; memory [B, S, C];
         self_attn_mask [Q, Q] bool (True: may not attend) or None -> [B, Q, C]."""
         q = k = tgt + query_pos  # [B, Q, C]
         tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]  # [B, Q, C]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
-        tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                               padding_mask, offset_normalizer)
+        tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, geometry, padding_mask)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))  # [B, Q, C]
         return self.norm3(tgt + self.dropout4(tgt2))
@@ -134,8 +134,8 @@ class DeformableTransformerDecoder(nn.Module):
         self.bbox_embed: nn.ModuleList | None = None
         self.class_embed: nn.ModuleList | None = None
 
-    def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos,
-                padding_mask, offset_normalizer, self_attn_mask=None):
+    def forward(self, tgt, reference_points, memory, geometry, valid_ratios, query_pos, padding_mask,
+                self_attn_mask=None):
         """tgt, query_pos [B, Q, C]; reference_points [B, Q, 2|4] in [0, 1]; memory [B, S, C];
         valid_ratios [B, L, 2]; self_attn_mask [Q, Q] bool or None -> (hidden states [num_layers] x [B, Q, C],
         reference points after each layer [num_layers] x [B, Q, 2|4])."""
@@ -146,8 +146,7 @@ class DeformableTransformerDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             ratios = ratios4 if reference_points.shape[-1] == 4 else ratios2
             ref_input = reference_points[:, :, None] * ratios  # [B, Q, L, 2|4]
-            out = layer(out, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask,
-                        offset_normalizer, self_attn_mask)
+            out = layer(out, query_pos, ref_input, memory, geometry, padding_mask, self_attn_mask)
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[lid](out)  # [B, Q, 4]
                 if reference_points.shape[-1] == 4:
@@ -179,7 +178,7 @@ class DeformableTransformer(nn.Module):
             for _ in range(cfg.dec_layers)
         ])
         self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
-        self._normalizers: dict[tuple, torch.Tensor] = {}  # see offset_normalizer()
+        self._geometries: dict[tuple, LevelGeometry] = {}  # see level_geometry()
         if cfg.two_stage:
             self.enc_output = nn.Linear(d, d)
             self.enc_output_norm = nn.LayerNorm(d)
@@ -206,17 +205,18 @@ class DeformableTransformer(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m.backend = backend
 
-    def offset_normalizer(self, shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
-        """[L, 2] float32 (W, H) per level on ``device``, made once per level
-        geometry: a host-to-device copy per forward would sync with the host
-        and cannot be captured in a CUDA graph. The cache holds the last few."""
+    def level_geometry(self, shapes: list[tuple[int, int]], device: torch.device) -> LevelGeometry:
+        """The :class:`LevelGeometry` of these level sizes with its offset
+        normaliser on ``device``, made once per geometry: a host-to-device copy
+        per forward would sync with the host and cannot be captured in a CUDA
+        graph. The cache holds the last few."""
         key = (tuple(shapes), str(device))
-        cached = self._normalizers.get(key)
+        cached = self._geometries.get(key)
         if cached is None:
-            if len(self._normalizers) >= 16:
-                self._normalizers.pop(next(iter(self._normalizers)))
-            cached = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=device)
-            self._normalizers[key] = cached
+            if len(self._geometries) >= 16:
+                self._geometries.pop(next(iter(self._geometries)))
+            cached = LevelGeometry.build(shapes, device)
+            self._geometries[key] = cached
         return cached
 
     def gen_encoder_output_proposals(self, memory: torch.Tensor, padding_mask: torch.Tensor,
@@ -277,20 +277,18 @@ class DeformableTransformer(nn.Module):
         pos_flatten = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                                  for lvl, p in enumerate(pos_embeds)], 1)  # [B, S, C]
         if exporting:
-            spatial_shapes, level_start_index, has_padding = shapes, None, True
-            offset_normalizer = torch.stack([torch.stack([m.new_ones(()).float() * m.shape[-1], m.new_ones(()).float() * m.shape[-2]])
-                                             for m in masks])  # [L, 2] (W, H)
+            has_padding = True
+            geometry = LevelGeometry.traced(shapes, torch.stack([
+                torch.stack([m.new_ones(()).float() * m.shape[-1], m.new_ones(()).float() * m.shape[-2]]) for m in masks
+            ]))  # offset normaliser [L, 2] (W, H)
         else:
-            spatial_shapes = torch.tensor(shapes, dtype=torch.long)  # [L, 2] on the CPU
-            level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))  # [L]
-            offset_normalizer = self.offset_normalizer(shapes, src_flatten.device)  # [L, 2] (W, H)
+            geometry = self.level_geometry(shapes, src_flatten.device)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # [B, L, 2]
         if has_padding is None:
             has_padding = bool(mask_flatten.any()) if mask_flatten.device.type == "cpu" else True
         attn_mask = mask_flatten if has_padding else None  # [B, S] or None
 
-        memory = self.encoder(src_flatten, shapes, spatial_shapes, level_start_index, valid_ratios, pos_flatten,
-                              attn_mask, offset_normalizer)  # [B, S, C]
+        memory = self.encoder(src_flatten, geometry, valid_ratios, pos_flatten, attn_mask)  # [B, S, C]
 
         B, _, C = memory.shape
         enc_class = enc_coord_unact = None
@@ -325,6 +323,6 @@ class DeformableTransformer(nn.Module):
             self_attn_mask = torch.zeros((total, total), dtype=torch.bool, device=tgt.device)  # [Q + Q2, Q + Q2]
             self_attn_mask[:first, first:] = True  # the one-to-one queries never see the one-to-many ones
             self_attn_mask[first:, :first] = True  # and the other way round (as H-DETR)
-        hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
-                                            valid_ratios, query_pos, attn_mask, offset_normalizer, self_attn_mask)
+        hs, inter_references = self.decoder(tgt, reference_points, memory, geometry, valid_ratios, query_pos, attn_mask,
+                                            self_attn_mask)
         return hs, init_reference, inter_references, enc_class, enc_coord_unact

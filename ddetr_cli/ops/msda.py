@@ -18,6 +18,14 @@ float64 values), so bf16/fp16 models keep sub-pixel sampling precision. A
 sampling location that is NaN, +-inf or outside the map contributes zero and
 gets a zero gradient.
 
+Two entry points, each checking its arguments once in Python (the compiled
+boundary checks them again): :func:`ms_deform_attn` (the official signature,
+level geometry as tensors, read once per call) and :func:`ms_deform_attn_levels`
+(a :class:`~ddetr_cli.ops.geometry.LevelGeometry` made once per model forward:
+no tensor is read per call). Both run the custom op
+``ddetr::ms_deform_attn_levels``, which takes the level sizes as Python ints;
+``ddetr::ms_deform_attn`` is the same op with tensor geometry, for direct callers.
+
 CUDA: the op makes no host sync when ``spatial_shapes`` and
 ``level_start_index`` are CPU tensors (the model keeps them there), so it runs
 under CUDA-graph capture. The backward adds grad_value up with atomics, in an
@@ -35,6 +43,8 @@ from types import ModuleType
 
 import torch
 
+from .geometry import LevelGeometry, level_starts
+from .msda_checks import check_arguments, check_levels
 from .msda_grad_value import msda_grad_value
 from .msda_torch import ms_deform_attn_torch
 
@@ -128,81 +138,6 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return "torch"
 
 
-def _level_geometry(
-    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_levels: int
-) -> tuple[list[tuple[int, int]], list[int]]:
-    if not isinstance(spatial_shapes, torch.Tensor):
-        raise TypeError(f"spatial_shapes: expected a tensor, got {type(spatial_shapes).__name__}")
-    if not isinstance(level_start_index, torch.Tensor):
-        raise TypeError(f"level_start_index: expected a tensor, got {type(level_start_index).__name__}")
-    if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype.is_complex or spatial_shapes.dtype == torch.bool:
-        raise TypeError(f"spatial_shapes: expected an integer tensor, got {spatial_shapes.dtype}")
-    if level_start_index.dtype.is_floating_point or level_start_index.dtype.is_complex or level_start_index.dtype == torch.bool:
-        raise TypeError(f"level_start_index: expected an integer tensor, got {level_start_index.dtype}")
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] < 1:
-        raise ValueError(f"spatial_shapes: expected shape (L, 2) with L >= 1, got {tuple(spatial_shapes.shape)}")
-    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
-        if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError(f"{name}: pass a CPU tensor under CUDA-graph capture (reading a CUDA one needs a host sync)")
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    if len(shapes) != num_levels:
-        raise ValueError(f"spatial_shapes: has {len(shapes)} levels, but sampling_locations has L = {num_levels}")
-    starts = [int(s) for s in level_start_index.reshape(-1).tolist()]
-    if level_start_index.dim() != 1 or len(starts) != len(shapes):
-        raise ValueError(f"level_start_index: expected shape ({len(shapes)},), got {tuple(level_start_index.shape)}")
-    total = 0
-    for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
-        if h < 1 or w < 1:
-            raise ValueError(f"spatial_shapes: level {lvl} has size {h}x{w}; sizes must be >= 1")
-        if start != total:
-            raise ValueError(f"level_start_index: entry {lvl} is {start}, expected {total} (cumulative H*W of spatial_shapes)")
-        total += h * w
-    return shapes, starts
-
-
-def check_arguments(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> tuple[list[tuple[int, int]], list[int]]:
-    """Raises TypeError/ValueError naming the offending argument; returns the
-    level sizes and start offsets as Python ints."""
-    for name, t in (("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if value.dim() != 4:
-        raise ValueError(f"value: expected shape (N, S, M, D), got {tuple(value.shape)}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(f"sampling_locations: expected shape (N, Lq, M, L, P, 2), got {tuple(sampling_locations.shape)}")
-    if attention_weights.dim() != 5:
-        raise ValueError(f"attention_weights: expected shape (N, Lq, M, L, P), got {tuple(attention_weights.shape)}")
-    N, S, M, D = value.shape
-    n2, Lq, m2, L, P, _ = sampling_locations.shape
-    if M < 1 or D < 1:
-        raise ValueError(f"value: heads and channels must be >= 1, got shape {tuple(value.shape)}")
-    if P < 1:
-        raise ValueError(f"sampling_locations: P (points) must be >= 1, got shape {tuple(sampling_locations.shape)}")
-    if n2 != N or m2 != M:
-        raise ValueError(
-            f"sampling_locations: batch/heads {n2}/{m2} do not match value's {N}/{M} "
-            f"(value {tuple(value.shape)}, sampling_locations {tuple(sampling_locations.shape)})"
-        )
-    if tuple(attention_weights.shape) != (N, Lq, M, L, P):
-        raise ValueError(f"attention_weights: expected shape {(N, Lq, M, L, P)}, got {tuple(attention_weights.shape)}")
-    for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
-        if t.device != value.device:
-            raise ValueError(f"{name}: on {t.device}, but value is on {value.device}")
-    shapes, starts = _level_geometry(spatial_shapes, level_start_index, L)
-    total = sum(h * w for h, w in shapes)
-    if total != S:
-        raise ValueError(f"value: S = {S}, but spatial_shapes sum to {total} (sum of H*W)")
-    return shapes, starts
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -246,9 +181,8 @@ class _Launch:
             call(*args)
 
 
-def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> _Launch:
-    shapes, starts = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    _check_native_dtype(value)
+def _launch(value, shapes, starts, sampling_locations, attention_weights) -> _Launch:
+    """The launch of checked arguments (the compiled boundary checks them again)."""
     ext = extension()
     if ext is None:
         raise RuntimeError(f"ddetr: the compiled module is not available: {_ext_error}")
@@ -260,41 +194,19 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
         "sampling_locations": sampling_locations.to(acc).contiguous(),
         "attention_weights": attention_weights.to(acc).contiguous(),
     }
-    return _Launch(ext, [N, S, M, D, Lq, L, P], shapes, starts, acc, inputs)
+    return _Launch(ext, [N, S, M, D, Lq, L, P], list(shapes), list(starts), acc, inputs)
 
 
-@torch.library.custom_op("ddetr::ms_deform_attn", mutates_args=())
-def _msda_forward_op(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    launch = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+def _native_forward(value, shapes, starts, sampling_locations, attention_weights) -> torch.Tensor:
+    launch = _launch(value, shapes, starts, sampling_locations, attention_weights)
     N, _, M, D, Lq, _, _ = launch.sizes
     out = torch.empty((N, Lq, M, D), dtype=value.dtype, device=value.device)  # fully written by the kernel
     launch.run("forward", value, {"output": out})
     return out.view(N, Lq, M * D)
 
 
-@_msda_forward_op.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    N, _, M, D = value.shape
-    Lq = sampling_locations.shape[1]
-    return value.new_empty((N, Lq, M * D))
-
-
-@torch.library.custom_op("ddetr::ms_deform_attn_backward", mutates_args=())
-def _msda_backward_op(
-    grad_output: torch.Tensor,
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    launch = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+def _native_backward(grad_output, value, shapes, starts, sampling_locations, attention_weights):
+    launch = _launch(value, shapes, starts, sampling_locations, attention_weights)
     N, S, M, D, Lq, _, _ = launch.sizes
     if tuple(grad_output.shape) != (N, Lq, M * D):
         raise ValueError(f"grad_output: expected shape {(N, Lq, M * D)}, got {tuple(grad_output.shape)}")
@@ -318,25 +230,120 @@ def _msda_backward_op(
     )
 
 
+def _levels(hw) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
+    """(H0, W0, H1, W1, ...) -> level sizes and start offsets."""
+    shapes = [(int(hw[i]), int(hw[i + 1])) for i in range(0, len(hw), 2)]
+    return shapes, level_starts(shapes)[0]
+
+
+# The op with tensor level geometry (the official signature): for direct callers
+# and opcheck. It checks its arguments itself, as it is an entry point.
+@torch.library.custom_op("ddetr::ms_deform_attn", mutates_args=())
+def _msda_forward_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    shapes, starts = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check_native_dtype(value)
+    return _native_forward(value, shapes, starts, sampling_locations, attention_weights)
+
+
+@_msda_forward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return _fake_output(value, sampling_locations)
+
+
+@torch.library.custom_op("ddetr::ms_deform_attn_backward", mutates_args=())
+def _msda_backward_op(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shapes, starts = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _native_backward(grad_output, value, shapes, starts, sampling_locations, attention_weights)
+
+
 @_msda_backward_op.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+    return _fake_grads(value, sampling_locations, attention_weights)
 
 
 def _setup_context(ctx, inputs, output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
-    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_loc, grad_attn = _msda_backward_op(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
-    return grad_value, None, None, grad_loc, grad_attn
+    grads = _msda_backward_op(grad_output, *ctx.saved_tensors)
+    return grads[0], None, None, grads[1], grads[2]
 
 
 _msda_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The op with the level sizes as Python ints (H0, W0, H1, W1, ...), already
+# checked by its caller (ms_deform_attn, ms_deform_attn_levels): what the model
+# runs, so no call reads a geometry tensor back or checks it again.
+@torch.library.custom_op("ddetr::ms_deform_attn_levels", mutates_args=())
+def _levels_forward_op(value: torch.Tensor, level_hw: list[int], sampling_locations: torch.Tensor,
+                       attention_weights: torch.Tensor) -> torch.Tensor:
+    return _native_forward(value, *_levels(level_hw), sampling_locations, attention_weights)
+
+
+@_levels_forward_op.register_fake
+def _(value, level_hw, sampling_locations, attention_weights):
+    return _fake_output(value, sampling_locations)
+
+
+@torch.library.custom_op("ddetr::ms_deform_attn_levels_backward", mutates_args=())
+def _levels_backward_op(grad_output: torch.Tensor, value: torch.Tensor, level_hw: list[int],
+                        sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _native_backward(grad_output, value, *_levels(level_hw), sampling_locations, attention_weights)
+
+
+@_levels_backward_op.register_fake
+def _(grad_output, value, level_hw, sampling_locations, attention_weights):
+    return _fake_grads(value, sampling_locations, attention_weights)
+
+
+def _levels_setup_context(ctx, inputs, output):
+    value, ctx.level_hw, sampling_locations, attention_weights = inputs
+    ctx.save_for_backward(value, sampling_locations, attention_weights)
+
+
+def _levels_backward(ctx, grad_output):
+    value, sampling_locations, attention_weights = ctx.saved_tensors
+    grads = _levels_backward_op(grad_output, value, ctx.level_hw, sampling_locations, attention_weights)
+    return grads[0], None, grads[1], grads[2]
+
+
+_levels_forward_op.register_autograd(_levels_backward, setup_context=_levels_setup_context)
+
+
+def _fake_output(value, sampling_locations):
+    N, _, M, D = value.shape
+    return value.new_empty((N, sampling_locations.shape[1], M * D))
+
+
+def _fake_grads(value, sampling_locations, attention_weights):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _run(value, shapes, hw, sampling_locations, attention_weights, backend: str | None) -> torch.Tensor:
+    """Checked arguments -> the chosen backend."""
+    if resolve_backend(backend, value.device) == "torch":
+        return ms_deform_attn_torch(value, shapes, None, sampling_locations, attention_weights)
+    _check_native_dtype(value)
+    ext = extension()
+    if len(shapes) > ext.MAX_LEVELS:
+        raise ValueError(f"spatial_shapes: the native kernel takes at most {ext.MAX_LEVELS} levels, got {len(shapes)}")
+    return _levels_forward_op(value, list(hw), sampling_locations, attention_weights)
 
 
 def ms_deform_attn(
@@ -362,11 +369,23 @@ def ms_deform_attn(
     Returns:
         [N, Lq, M*D] in value's dtype.
     """
-    check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if resolve_backend(backend, value.device) == "torch":
-        return ms_deform_attn_torch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    _check_native_dtype(value)
-    ext = extension()
-    if len(spatial_shapes) > ext.MAX_LEVELS:
-        raise ValueError(f"spatial_shapes: the native kernel takes at most {ext.MAX_LEVELS} levels, got {len(spatial_shapes)}")
-    return _msda_forward_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    shapes, _ = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _run(value, shapes, [x for hw in shapes for x in hw], sampling_locations, attention_weights, backend)
+
+
+def ms_deform_attn_levels(
+    value: torch.Tensor,
+    geometry: LevelGeometry,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`ms_deform_attn` with the level geometry of a whole model forward
+    (:class:`~ddetr_cli.ops.geometry.LevelGeometry`, made and checked once):
+    only the three tensors are checked here, and no tensor is read back to the host.
+
+    value [N, S, M, D], sampling_locations [N, Lq, M, L, P, 2], attention_weights
+    [N, Lq, M, L, P] -> [N, Lq, M*D] in value's dtype."""
+    check_levels(value, geometry, sampling_locations, attention_weights)
+    return _run(value, geometry.shapes, geometry.hw, sampling_locations, attention_weights, backend)

@@ -27,7 +27,7 @@ class _Captured:
     images: torch.Tensor  # [B, 3, H, W] static input
     mask: torch.Tensor  # [B, H, W] static input
     outputs: dict  # static outputs, overwritten by every replay
-    keep: list  # tensors the graph reads that the model might drop (offset normalisers)
+    keep: list  # tensors the graph reads that the model might drop (level geometries: offset normalisers)
 
 
 def _clone(tree):
@@ -75,7 +75,7 @@ class CudaGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode(), self._context():
             outputs = self.model(static_images, static_mask)
-        keep = [m._normalizers.copy() for m in self.model.modules() if hasattr(m, "_normalizers")]
+        keep = [m._geometries.copy() for m in self.model.modules() if hasattr(m, "_geometries")]
         return _Captured(graph, static_images, static_mask, outputs, keep)
 
     def __call__(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None) -> dict:

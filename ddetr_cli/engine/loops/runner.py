@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from ...errors import CheckpointError
-from ..parts.amp import amp_dtype
+from ..parts.amp import resolve_amp
 
 WEIGHTS_HELP = (
     "Pass a local file or folder (a ddetr .pt, an official Deformable DETR .pth from the GitHub releases of "
@@ -50,17 +50,26 @@ class ModelRunner(Protocol):
 
 class TorchRunner:
     """A PyTorch detector (already on ``device``, eval mode) as a runner;
-    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast;
-    ``cuda_graph``: on CUDA, replay the forward from a CUDA graph captured per
-    input shape (:mod:`ddetr_cli.runtime.cuda_graph`); ignored on the CPU."""
+    ``amp``: an AMP mode (off | auto | bf16 | fp16) for autocast, resolved by
+    :func:`~..parts.amp.resolve_amp` (``amp_note``: its warning, e.g. bf16 asked
+    on a CPU without native bf16, or None); ``cuda_graph``: on CUDA, replay the
+    forward from a CUDA graph captured per input shape
+    (:mod:`ddetr_cli.runtime.cuda_graph`); ignored on the CPU. ``fuse``: fold
+    batch norm into the convolutions (:func:`~ddetr_cli.models.fuse.fuse_for_inference`),
+    in place: for a model that only this runner uses (:func:`load_runner`'s)."""
 
-    def __init__(self, model, device: torch.device | str = "cpu", amp: str = "off", cuda_graph: bool = False) -> None:
+    def __init__(self, model, device: torch.device | str = "cpu", amp: str = "off", cuda_graph: bool = False,
+                 fuse: bool = False) -> None:
+        if fuse:
+            from ...models.fuse import fuse_for_inference
+
+            model = fuse_for_inference(model.eval())
         self.model = model
         self.device = torch.device(device)
         self.class_names: list[str] = list(getattr(model, "class_names", None) or [])
         self.category_ids: list[int] | None = getattr(model, "category_ids", None)
         self.input_size: tuple[int, int] | None = getattr(model, "input_size", None)
-        self.amp_dtype = amp_dtype(amp, self.device)
+        self.amp_dtype, self.amp_note = resolve_amp(amp, self.device)
         self.graphed = None
         if cuda_graph and self.device.type == "cuda":
             from ...runtime.cuda_graph import CudaGraphRunner
@@ -87,7 +96,8 @@ def load_runner(weights: str | Path | None, device, *, backend: str = "auto", am
     :func:`ddetr_cli.checkpoints.hub.resolve`). An ``.onnx`` file ->
     :class:`~ddetr_cli.runtime.onnx.OnnxRunner` (``amp``, ``cuda_graph`` and
     ``backend`` do not apply); a PyTorch checkpoint (own ``.pt``, official
-    ``.pth``, Hugging Face folder) -> :class:`TorchRunner`. The one place a
+    ``.pth``, Hugging Face folder) -> :class:`TorchRunner`, its model fused for
+    inference (the runner owns it: nothing saves or trains it). The one place a
     runner is chosen. The runner's ``source`` says what was loaded from where
     (``"r50-two-stage (SenseTime/...) from <snapshot>"``).
 
@@ -115,7 +125,7 @@ def load_runner(weights: str | Path | None, device, *, backend: str = "auto", am
         except (ValueError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{weights}: cannot load model ({first})", param="weights") from None
-        runner = TorchRunner(model, device, amp=amp, cuda_graph=cuda_graph)
+        runner = TorchRunner(model, device, amp=amp, cuda_graph=cuda_graph, fuse=True)
     runner.source = resolved.describe()
     runner.hub = resolved.hub
     return runner

@@ -24,7 +24,7 @@ from ...data import collate, collate_eval
 from ...errors import MatchingError, TrainingError
 from ..config import TrainConfig
 from ..parts import distributed as dist_utils
-from ..parts.amp import amp_dtype, needs_grad_scaler
+from ..parts.amp import needs_grad_scaler, resolve_amp
 from ..parts.ema import ModelEMA
 from ..parts.interrupt import GracefulInterrupt
 from ..parts.optim import base_lrs, build_optimizer
@@ -67,7 +67,7 @@ class Trainer:
         self.criterion = build_criterion(cfg, len(label_to_cat))
         self.optimizer = build_optimizer(self.model, cfg)
         self.train_module = build_train_module(self.model, cfg, self.optimizer)  # + the hybrid branch, if any
-        self.dtype = amp_dtype(cfg.amp, device)
+        self.dtype = resolve_amp(cfg.amp, device)[0]  # build_trainer warns when it falls back to float32
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.dtype, device) else None
         self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
         self.ddp_model: nn.Module = self.train_module
