@@ -1,12 +1,24 @@
-"""The CPU kernels: a backward bitwise independent of the thread count."""
+"""The CPU kernels: a backward bitwise independent of the thread count, the
+instruction-set builds against each other and the float64 reference, and the
+DDETR_CPU_ISA override."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from ddetr_cli.ops import ms_deform_attn, ms_deform_attn_torch
+from ddetr_cli.ops import msda as msda_mod
 from msda_cases import level_geometry, make_case
+
+EXT = msda_mod.extension()
+RUNNABLE = EXT.cpu_isas(runnable=True) if EXT is not None else []
+
 
 def native(*args):
     return ms_deform_attn(*args, backend="native")
@@ -84,3 +96,104 @@ def test_backward_of_many_bands_matches_float64_reference(case, threads):
     args = case(7, dtype=torch.float64, seed=4)
     for name, g, r in zip(("output", "value", "loc", "attn"), grads(args), reference(args)):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ------------------------------------------------------------ instruction sets
+
+
+@pytest.fixture
+def isa():
+    """Switches the CPU build for one test and restores the one in use."""
+    old = EXT.cpu_isa()
+    yield EXT.set_cpu_isa
+    EXT.set_cpu_isa(old)
+
+
+def test_compiled_builds_and_the_default_choice():
+    compiled = EXT.cpu_isas()
+    assert compiled[-1] == "baseline" and set(RUNNABLE) <= set(compiled)
+    assert set(compiled) <= {"baseline", "avx2", "avx512", "avx512bf16"}
+    if "DDETR_CPU_ISA" not in os.environ:
+        assert EXT.cpu_isa() == RUNNABLE[0]  # the widest this processor runs
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_each_runnable_build_matches_float64(name, dtype, tol, isa):
+    """Relative (Frobenius) error of the output and each gradient. The location
+    gradient jumps where a point crosses a pixel boundary, and in float32 the
+    pixel coordinate loc * W - 0.5 rounds differently with and without FMA (the
+    baseline build has none): the few points within ~1e-5 px of a boundary flip
+    sides, so it gets 1e-2 below float64."""
+    assert isa(name) == name
+    args = encoder_like(33, dtype=dtype, seed=2)
+    if dtype == torch.bfloat16:  # locations and weights stay float32 (as the model passes them)
+        args = args[:3] + (args[3].float(), args[4].float())
+    for what, g, r in zip(("output", "value", "loc", "attn"), grads(args), reference(args)):
+        g = g.double()
+        assert torch.isfinite(g).all(), what
+        rel = (g - r).norm() / r.norm()
+        limit = max(tol, 1e-2) if what == "loc" and dtype != torch.float64 else tol
+        assert rel < limit, f"{name} {dtype} {what}: relative error {rel:.2e}"
+
+
+@pytest.mark.skipif(len(RUNNABLE) < 2, reason="one runnable build")
+def test_runnable_builds_agree(isa):
+    """In float64, where FMA or not moves no point across a pixel boundary."""
+    args = encoder_like(32, dtype=torch.float64, seed=3)
+    results = {}
+    for name in RUNNABLE:
+        isa(name)
+        results[name] = grads(args)
+    first, *others = RUNNABLE
+    for name in others:
+        for a, b in zip(results[first], results[name]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_set_cpu_isa_rejects_unknown_names(isa):
+    with pytest.raises(ValueError, match="isa: unknown instruction set 'sse9'"):
+        isa("sse9")
+
+
+_ISA_CHILD = textwrap.dedent(
+    """
+    import torch
+    from ddetr_cli.ops import ms_deform_attn, msda
+    from msda_cases import make_case
+    args = make_case([(4, 5), (2, 3)], N=1, Lq=3, M=2, D=4, P=2, dtype=torch.float32)
+    try:
+        for _ in range(2):
+            ms_deform_attn(*args, backend="native")
+        print("isa", msda.extension().cpu_isa())
+    except ValueError as exc:
+        print("error", exc)
+    """
+)
+
+
+def _child(isa_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DDETR_CPU_ISA": isa_env}
+    here = os.path.dirname(__file__)
+    return subprocess.run([sys.executable, "-c", _ISA_CHILD], env=env, cwd=here, capture_output=True, text=True, timeout=120)
+
+
+def test_environment_lowers_the_choice():
+    proc = _child("baseline")
+    assert proc.stdout.strip() == "isa baseline" and proc.stderr == "", proc
+
+
+def test_environment_above_what_runs_falls_back_with_one_warning():
+    wanted = next((n for n in ("avx512bf16", "avx512", "avx2") if n not in RUNNABLE), None)
+    if wanted is None:
+        pytest.skip("this processor runs every build")
+    proc = _child(wanted)
+    assert proc.stdout.strip() == f"isa {RUNNABLE[0]}", proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"DDETR_CPU_ISA={wanted} is not available" in lines[0], proc.stderr
+
+
+def test_environment_unknown_name_is_a_one_line_error():
+    proc = _child("avx1024")
+    assert proc.stdout.strip().startswith("error DDETR_CPU_ISA: unknown instruction set 'avx1024'"), proc
+    assert len(proc.stdout.strip().splitlines()) == 1
