@@ -1,6 +1,6 @@
 """The CPU kernels: a backward bitwise independent of the thread count, the
-instruction-set builds against each other and the float64 reference, and the
-DDETR_CPU_ISA override."""
+instruction-set builds against each other and the float64 reference, the
+DDETR_CPU_ISA override, and bfloat16 storage."""
 
 from __future__ import annotations
 
@@ -197,3 +197,33 @@ def test_environment_unknown_name_is_a_one_line_error():
     proc = _child("avx1024")
     assert proc.stdout.strip().startswith("error DDETR_CPU_ISA: unknown instruction set 'avx1024'"), proc
     assert len(proc.stdout.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- bfloat16
+
+
+def test_bfloat16_output_rounds_to_nearest_even_like_torch():
+    """Query i samples pixel i at its centre with attention weight a_i: the
+    float32 accumulator then holds a_i * value exactly, and the bf16 store must
+    round it as torch does (ties to even, subnormals, overflow)."""
+    W, D = 8, 64
+    v = (torch.randn(W, D, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16)
+    v[:, :6] = torch.tensor([1.0, 1 + 2**-7, -1.5, 1e-39, -3e-40, 3e38], dtype=torch.bfloat16)
+    a = torch.tensor([1 + 2**-8, 1 + 3 * 2**-9, 1 - 2**-9, 1.5 + 2**-10, 3 + 2**-8, 1 + 2**-12, 0.75, 2**-8 - 2**-20])
+    spatial, start = level_geometry([(1, W)])
+    loc = torch.stack([(torch.arange(W) + 0.5) / W, torch.full((W,), 0.5)], -1).view(1, W, 1, 1, 1, 2)
+    out = native(v.view(1, W, 1, D), spatial, start, loc, a.view(1, W, 1, 1, 1)).view(W, D)
+    expected = (a[:, None] * v.float()).to(torch.bfloat16)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+def test_bfloat16_gradients_are_finite_and_close():
+    """bf16 value and output (float32 locations and weights): every gradient
+    within 2e-2 (relative, Frobenius) of float64 on the same rounded inputs;
+    value's gradient is stored in bf16 (relative rounding 2^-9)."""
+    value, spatial, start, loc, attn = encoder_like(32, dtype=torch.float64, seed=6)
+    low = (value.to(torch.bfloat16), spatial, start, loc.float(), attn.float())
+    for name, g, r in zip(("output", "value", "loc", "attn"), grads(low), reference(low)):
+        assert torch.isfinite(g).all(), name
+        rel = (g.double() - r).norm() / r.norm()
+        assert rel < 2e-2, f"{name}: relative error {rel:.2e}"
