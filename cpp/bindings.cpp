@@ -255,5 +255,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   m.def("cpu_isa", &ddetr::msda_cpu_isa);
+  m.def("cpu_isas", &ddetr::msda_cpu_isas, py::arg("runnable") = false);
+  m.def("set_cpu_isa", &ddetr::msda_set_cpu_isa, py::arg("name"));
   m.attr("MAX_LEVELS") = ddetr::kMaxLevels;
 }

@@ -59,4 +59,17 @@ def cuda_unavailable_reason() -> str:
 def has_openmp() -> bool: ...
 def max_threads() -> int: ...
 def cpu_isa() -> str:
-    """The CPU kernel build in use: 'avx2' or 'baseline'."""
+    """The CPU kernel build in use: 'avx512bf16', 'avx512', 'avx2' or
+    'baseline'; the widest compiled one this processor runs unless
+    $DDETR_CPU_ISA names a narrower one. Raises ValueError naming
+    DDETR_CPU_ISA when it holds no instruction set's name."""
+
+def cpu_isas(runnable: bool = False) -> list[str]:
+    """The compiled CPU kernel builds, widest first; with ``runnable``, only
+    those this processor supports."""
+
+def set_cpu_isa(name: str) -> str:
+    """Use another CPU kernel build from now on (tests, comparisons), by the
+    rules of $DDETR_CPU_ISA: a build that is not compiled or that this processor
+    cannot run falls back to the widest one below it, with one warning line on
+    stderr; an unknown name raises ValueError. Returns the build chosen."""

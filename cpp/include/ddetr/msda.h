@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ddetr {
 
@@ -56,10 +57,13 @@ struct MsdaBackwardParams {
   void* stream = nullptr;
 };
 
-// CPU (OpenMP). Choose the widest instruction set the processor supports.
+// CPU (OpenMP), on the widest compiled instruction set this processor runs, or
+// a narrower one named by $DDETR_CPU_ISA / msda_set_cpu_isa (cpu_dispatch.cpp).
 void msda_forward_cpu(const MsdaForwardParams& p);
 void msda_backward_cpu(const MsdaBackwardParams& p);
-const char* msda_cpu_isa();
+const char* msda_cpu_isa();                                  // the build in use
+std::vector<std::string> msda_cpu_isas(bool runnable_only);  // compiled builds, widest first
+const char* msda_set_cpu_isa(const std::string& name);       // returns the build chosen
 
 #ifdef DDETR_WITH_CUDA
 // CUDA. Throw std::runtime_error on a CUDA error (the message names the call).
