@@ -113,3 +113,17 @@ def test_bench_model_and_train(tmp_path):
 def test_bench_bad_device_names_the_flag():
     res = CliRunner().invoke(cli, ["bench", "--device", "tpu"])
     assert res.exit_code == 2 and "'--device'" in res.output and "unknown device" in res.output
+
+
+def test_unknown_cpu_isa_is_one_line_error():
+    """A wrong $DDETR_CPU_ISA is the user's mistake: one line naming it, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DDETR_CPU_ISA": "bogus"}
+    res = subprocess.run([sys.executable, "-m", "ddetr_cli", "bench", "--case", "decoder", "--batch-size", "1",
+                          "--repeats", "1", "--warmup", "0", "--no-torch"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr and "DDETR_CPU_ISA: unknown instruction set 'bogus'" in res.stderr, res.stderr

@@ -92,11 +92,16 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     with user_errors():
         dev = resolve_device(device)
     counts = parse_threads(threads) or [torch.get_num_threads()]
+    torch.set_num_threads(counts[0])
+    with user_errors():  # e.g. an unknown $DDETR_CPU_ISA
+        env = {**_environment(dev), "thread_counts": counts}
     if not model_bench and not train_bench:
         _check_op_available(dev, device, dtype)
     torch_dtype = getattr(torch, dtype)
-    torch.set_num_threads(counts[0])
-    env = {**_environment(dev), "thread_counts": counts}
+    # The dense layers' ceiling is a matmul in the dtype they run in; the op
+    # accumulates in float32 (float64), so its ceiling is a float32 (float64) matmul.
+    op_only = not model_bench and not train_bench
+    ceiling_dtype = (torch.float64 if dtype == "float64" else torch.float32) if op_only else torch_dtype
     report: dict = {"environment": env, "roofline": []}
     status = app.err.status("benchmarking…") if app.interactive else None
 
@@ -112,7 +117,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
         for n in counts:
             torch.set_num_threads(n)
             progress(f"matmul ceiling at {n} threads")
-            report["roofline"].append({"threads": n, "matmul_gflops": matmul_gflops(dev, torch_dtype)})
+            report["roofline"].append({"threads": n, "matmul_gflops": matmul_gflops(dev, ceiling_dtype)})
             if model_bench:
                 report.setdefault("model", []).extend(
                     _bench_model(dev, dtype, batches, input_size, warmup, repeats, no_hf, no_torch, weights, progress))

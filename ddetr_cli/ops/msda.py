@@ -43,6 +43,7 @@ from types import ModuleType
 
 import torch
 
+from ..errors import DdetrError
 from .geometry import LevelGeometry, level_starts
 from .msda_checks import check_arguments, check_levels
 from .msda_grad_value import msda_grad_value
@@ -66,10 +67,14 @@ def extension() -> ModuleType | None:
     if _ext is None and _ext_error is None:
         try:
             from ddetr_cli import _C  # type: ignore[attr-defined]
-
-            _ext = _C
         except ImportError as exc:  # a source checkout that was never built
             _ext_error = str(exc)
+            return None
+        try:
+            _C.cpu_isa()  # reads $DDETR_CPU_ISA: a wrong name is the user's mistake, said in one line
+        except ValueError as exc:
+            raise DdetrError(str(exc)) from None
+        _ext = _C
     return _ext
 
 
