@@ -115,7 +115,7 @@ def test_bench_bad_device_names_the_flag():
     assert res.exit_code == 2 and "'--device'" in res.output and "unknown device" in res.output
 
 
-def test_unknown_cpu_isa_is_one_line_error():
+def test_unknown_cpu_isa_is_one_line_error(tmp_path):
     """A wrong $DDETR_CPU_ISA is the user's mistake: one line naming it, no traceback."""
     import os
     import subprocess
@@ -124,6 +124,6 @@ def test_unknown_cpu_isa_is_one_line_error():
     env = {**os.environ, "DDETR_CPU_ISA": "bogus"}
     res = subprocess.run([sys.executable, "-m", "ddetr_cli", "bench", "--case", "decoder", "--batch-size", "1",
                           "--repeats", "1", "--warmup", "0", "--no-torch"], env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path)  # not the checkout: the installed package
     assert res.returncode != 0
     assert "Traceback" not in res.stderr and "DDETR_CPU_ISA: unknown instruction set 'bogus'" in res.stderr, res.stderr

@@ -12,7 +12,7 @@ import torch
 
 from ddetr_cli.engine.parts import amp
 
-pytestmark = pytest.mark.slow  # trains a small model: about 2.5 minutes on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # trains a small model: about 2.5 minutes on 2 cores
 
 # A model with AP ~ 0 would make the comparison meaningless. The run below reached
 # AP 0.091 (bf16: 0.090) on the development machine in 250 iterations (131 s on 2 cores);

@@ -95,12 +95,12 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
     torch.set_num_threads(counts[0])
     with user_errors():  # e.g. an unknown $DDETR_CPU_ISA
         env = {**_environment(dev), "thread_counts": counts}
-    if not model_bench and not train_bench:
+    op_only = not model_bench and not train_bench
+    if op_only:
         _check_op_available(dev, device, dtype)
     torch_dtype = getattr(torch, dtype)
     # The dense layers' ceiling is a matmul in the dtype they run in; the op
     # accumulates in float32 (float64), so its ceiling is a float32 (float64) matmul.
-    op_only = not model_bench and not train_bench
     ceiling_dtype = (torch.float64 if dtype == "float64" else torch.float32) if op_only else torch_dtype
     report: dict = {"environment": env, "roofline": []}
     status = app.err.status("benchmarking…") if app.interactive else None
@@ -124,7 +124,7 @@ def command(app: App, device, dtype, cases, batches, warmup, repeats, threads, n
             if train_bench:
                 report.setdefault("train", []).extend(
                     _bench_train(dev, dtype, batches, input_size, warmup, repeats, no_hf, no_torch, progress))
-            if not model_bench and not train_bench:
+            if op_only:
                 from ..bench.op import bench_op
 
                 report.setdefault("op", []).extend(bench_op(
