@@ -23,19 +23,24 @@
 // lane 0 of the group writes grad_attn / grad_loc, zero for a point that
 // lies outside the map. Every grad_loc / grad_attn element is written once.
 //
-// Forward, staged path (enough (n, q, m) groups to fill the GPU, every thread
-// has one vector of channels, D / VEC <= 32, and one batch item's value fits
-// 32-bit offsets: the encoder's case): the block
+// Forward, staged path (every thread has one vector of channels, D / VEC <=
+// 32, and one batch item's value fits 32-bit offsets: the model's case): the block
 // first computes the bilinear taps of a chunk of its groups' points, one point
 // per thread rather than once per lane of every group, into shared memory
 // (per point: four corner offsets and four weights with the attention weight
 // folded in; zero weight and offset 0 for a corner outside the map), then
 // every lane gathers its channels of the four corners with no branch, several
 // loads in flight. Otherwise (wide D, huge maps) each lane computes the taps
-// itself with int64 offsets (the general path, also the decoder's).
+// itself with int64 offsets (the general path).
 //
 // Blocks walk the (n, q, m) groups in a grid-stride loop, so the grid is capped
-// and any N, Lq, M works.
+// and any N, Lq, M works. The walk is over tasks, in one of two orders:
+// query-major (task t is group t: heads fastest, the memory order) or
+// head-major (task t runs over the queries of one (n, m) fastest, so a block
+// works on neighbouring queries of one head). In the encoder neighbouring
+// queries are neighbouring pixels whose sampling points overlap, so head-major
+// blocks find more of their gathers in L1. DDETR_CUDA_ORDER=query|head picks
+// one for both kernels (defaults: kDefaultHeadMajorForward / Backward).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -195,6 +200,8 @@ struct ForwardArgs {
   int64_t num_vec;     // D / VEC
   int log2_group;      // G = 1 << log2_group threads per (n, q, m)
   bool staged;         // the staged path applies (see the top of this file)
+  bool head_major;     // task order (see the top of this file)
+  bool loc_pairs;      // loc is aligned for (x, y) pair loads
 };
 
 template <typename T>
@@ -211,7 +218,43 @@ struct BackwardArgs {
   int64_t num_vec;
   int log2_group;
   bool vec_atomics;  // grad_value is aligned for the vector atomics
+  bool head_major;   // task order (see the top of this file)
+  bool loc_pairs;    // loc is aligned for (x, y) pair loads
 };
+
+// The (n, q, m) group that task t works on (see the top of this file).
+__device__ __forceinline__ int64_t group_of_task(int64_t t, bool head_major, int64_t Lq, int64_t M) {
+  if (!head_major) return t;
+  const int64_t nm = t / Lq, q = t - nm * Lq;  // nm = n * M + m
+  const int64_t n = nm / M, m = nm - n * M;
+  return (n * Lq + q) * M + m;
+}
+
+// One sampling location (x, y): a single 8-byte (16 for double) load where the
+// pointer is aligned for it. kStream: read once, evict first.
+template <typename acc_t>
+struct PairOf;
+template <>
+struct PairOf<float> {
+  using type = float2;
+};
+template <>
+struct PairOf<double> {
+  using type = double2;
+};
+template <bool kStream, typename acc_t>
+__device__ __forceinline__ void load_xy(const acc_t* p, bool paired, acc_t& x, acc_t& y) {
+  using Pair = typename PairOf<acc_t>::type;
+  if (paired) {
+    DDETR_ASSERT_ALIGNED(p, sizeof(Pair));
+    const Pair xy = kStream ? __ldcs(reinterpret_cast<const Pair*>(p)) : __ldg(reinterpret_cast<const Pair*>(p));
+    x = xy.x;
+    y = xy.y;
+  } else {
+    x = kStream ? __ldcs(p) : __ldg(p);
+    y = kStream ? __ldcs(p + 1) : __ldg(p + 1);
+  }
+}
 
 // One point's four corners, ready to gather: element offsets from the head's
 // value[n, 0, m, 0] (32-bit) and bilinear weights times the attention weight.
@@ -229,6 +272,7 @@ template <typename T, int VEC>
 __device__ __forceinline__ void forward_staged(const ForwardArgs<T>& a) {
   using acc_t = acc_of<T>;
   __shared__ StagedTap<acc_t> taps[kStagedSlots];  // [point in chunk][group in block]
+  __shared__ int64_t group_ids[kBlockThreads];     // the block's groups, -1 past the end
   const MsdaShape& s = a.shape;
   const int64_t S = s.num_keys, M = s.num_heads, D = s.channels, Lq = s.num_queries;
   const int P = static_cast<int>(s.num_points), LP = static_cast<int>(s.num_levels) * P;
@@ -242,10 +286,17 @@ __device__ __forceinline__ void forward_staged(const ForwardArgs<T>& a) {
 
   // Every loop bound below is uniform across the block, so all threads reach each barrier.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups_per_block; base < a.num_groups; base += grid_stride) {
-    const int64_t gid = base + my_group;
-    const bool active = gid < a.num_groups && lane < a.num_vec;
-    const int64_t m = gid % M;
-    const int64_t n = gid / (Lq * M);
+    // The previous round's last barrier is behind every thread: nobody reads the old ids any more.
+    if (static_cast<int>(threadIdx.x) < groups_per_block) {
+      const int64_t t = base + threadIdx.x;
+      group_ids[threadIdx.x] = t < a.num_groups ? group_of_task(t, a.head_major, Lq, M) : -1;
+    }
+    __syncthreads();
+    const int64_t gid = group_ids[my_group];
+    const bool active = gid >= 0 && lane < a.num_vec;
+    const int64_t g0 = gid < 0 ? 0 : gid;
+    const int64_t m = g0 % M;
+    const int64_t n = g0 / (Lq * M);
     const T* head = a.value + (n * S * M + m) * D + static_cast<int64_t>(lane) * VEC;  // value[n, 0, m, lane * VEC]
     acc_t acc[VEC];
 DDETR_UNROLL
@@ -257,19 +308,20 @@ DDETR_UNROLL
         const int e = static_cast<int>(threadIdx.x) + r * kBlockThreads;
         const int j = e / groups_per_block, g = e - j * groups_per_block;
         const int pt = p0 + j;
-        const int64_t sgid = base + g;
+        const int64_t sgid = group_ids[g];
         StagedTap<acc_t> tap;
 DDETR_UNROLL
         for (int c = 0; c < 4; ++c) {
           tap.offset[c] = 0;
           tap.weight[c] = static_cast<acc_t>(0);
         }
-        if (sgid < a.num_groups && pt < LP) {
+        if (sgid >= 0 && pt < LP) {
           const int l = pt / P;
-          const acc_t* loc = a.loc + (sgid * LP + pt) * 2;
-          BilinearTaps<acc_t> t;
+          acc_t x, y;
           // Locations and weights are read once: streaming loads leave the L2 to the value.
-          if (bilinear_taps<acc_t>(__ldcs(loc), __ldcs(loc + 1), s.level_h[l], s.level_w[l], t)) {
+          load_xy<true>(a.loc + (sgid * LP + pt) * 2, a.loc_pairs, x, y);
+          BilinearTaps<acc_t> t;
+          if (bilinear_taps<acc_t>(x, y, s.level_h[l], s.level_w[l], t)) {
             const acc_t aw = __ldcs(a.attn + sgid * LP + pt);
             const int32_t level_first = static_cast<int32_t>(s.level_start[l]);
 DDETR_UNROLL
@@ -315,8 +367,9 @@ __device__ __forceinline__ void forward_general(const ForwardArgs<T>& a) {
   const int64_t groups_per_block = kBlockThreads >> a.log2_group;
   const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * groups_per_block;
 
-  for (int64_t gid = static_cast<int64_t>(blockIdx.x) * groups_per_block + (threadIdx.x >> a.log2_group);
-       gid < a.num_groups; gid += grid_stride) {
+  for (int64_t task = static_cast<int64_t>(blockIdx.x) * groups_per_block + (threadIdx.x >> a.log2_group);
+       task < a.num_groups; task += grid_stride) {
+    const int64_t gid = group_of_task(task, a.head_major, Lq, M);
     const int64_t m = gid % M;
     const int64_t n = gid / (Lq * M);
     const T* head = a.value + (n * S * M + m) * D;  // value[n, 0, m, 0]
@@ -332,8 +385,10 @@ DDETR_UNROLL
         const T* level = head + s.level_start[l] * row_stride + ch;
         for (int64_t p = 0; p < P; ++p) {
           const int64_t pt = l * P + p;
+          acc_t x, y;
+          load_xy<false>(loc + 2 * pt, a.loc_pairs, x, y);
           BilinearTaps<acc_t> t;
-          if (!bilinear_taps<acc_t>(__ldg(loc + 2 * pt), __ldg(loc + 2 * pt + 1), H, W, t)) continue;
+          if (!bilinear_taps<acc_t>(x, y, H, W, t)) continue;
           const acc_t aw = __ldg(attn + pt);
 DDETR_UNROLL
           for (int c = 0; c < 4; ++c) {
@@ -383,8 +438,9 @@ __global__ void __launch_bounds__(kBlockThreads, kBackwardMinBlocks) msda_backwa
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups_per_block; base < a.num_groups;
        base += grid_stride) {
     if (base + warp_first_group >= a.num_groups) break;  // the whole warp is past the end (warp-uniform)
-    const int64_t gid = base + my_group;
-    const bool active = gid < a.num_groups;  // lanes of a partly filled last warp still shuffle (adding 0)
+    const int64_t task = base + my_group;
+    const bool active = task < a.num_groups;  // lanes of a partly filled last warp still shuffle (adding 0)
+    const int64_t gid = active ? group_of_task(task, a.head_major, Lq, M) : 0;
     const int64_t m = gid % M;
     const int64_t n = gid / (Lq * M);
     const int64_t head_off = (n * S * M + m) * D;  // value / grad_value [n, 0, m, 0]
@@ -405,8 +461,10 @@ DDETR_UNROLL
         acc_t ga = 0, gx = 0, gy = 0, aw = 0;
         bool valid = false;
         if (active) {
+          acc_t x, y;
+          load_xy<false>(loc + 2 * pt, a.loc_pairs, x, y);
           BilinearTaps<acc_t> t;
-          valid = bilinear_taps<acc_t>(__ldg(loc + 2 * pt), __ldg(loc + 2 * pt + 1), H, W, t);
+          valid = bilinear_taps<acc_t>(x, y, H, W, t);
           if (valid) {
             aw = __ldg(attn + pt);
             for (int64_t v = lane; v < a.num_vec; v += G) {
@@ -475,13 +533,25 @@ int log2_group_for(int64_t num_vec) {
 }
 
 // Kernel arguments and vector width (pure host code, no CUDA calls).
-// The staged path pays a barrier per staging round; measured on an H200 it
-// wins at encoder sizes (an 800x1333 image: 178k groups per batch item) and
-// lost at the decoder's (300 queries: 2,400 groups, fewer blocks than SMs).
-constexpr int64_t kStagedMinGroups = 16384;
+// The staged forward runs wherever it can: timed alone (CUDA graphs, H200) it
+// beat the general path at every size measured, from the decoder's 2,400
+// groups (6.8 against 18.5 us) to the encoder's 355k (237 against 464 us).
+// Task orders, measured the same way (scripts/bench_cuda_variants.py): the
+// forward is as fast or faster query-major at the model's shapes (encoder
+// queries on their pixels, 300 decoder queries; bf16 by 12 %), the backward
+// as fast or faster head-major (2-4 % at the encoder, 15 % at 8,100 random
+// queries), so those are the defaults.
+constexpr bool kDefaultHeadMajorForward = false;
+constexpr bool kDefaultHeadMajorBackward = true;
+
+template <typename acc_t>
+bool pairs_aligned(const void* loc) {
+  return reinterpret_cast<uintptr_t>(loc) % (2 * sizeof(acc_t)) == 0;
+}
 
 template <typename T>
-ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out, int64_t staged_min_groups = kStagedMinGroups) {
+ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out, bool allow_staged = true,
+                            bool head_major = kDefaultHeadMajorForward) {
   const MsdaShape& s = p.shape;
   ForwardArgs<T> a;
   a.shape = s;
@@ -495,14 +565,16 @@ ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out, int64_t st
   a.log2_group = log2_group_for(a.num_vec);
   // Staged: one vector per lane, and every offset inside one batch item's value
   // (S * M * D elements) fits int32.
-  a.staged = a.num_groups >= staged_min_groups && a.num_vec <= kMaxGroup &&
-             s.num_keys * s.num_heads * s.channels <= INT32_MAX && s.num_levels * s.num_points <= INT32_MAX;
+  a.staged = allow_staged && a.num_vec <= kMaxGroup && s.num_keys * s.num_heads * s.channels <= INT32_MAX &&
+             s.num_levels * s.num_points <= INT32_MAX;
+  a.head_major = head_major;
+  a.loc_pairs = pairs_aligned<acc_of<T>>(p.sampling_loc);
   *vec_out = vec;
   return a;
 }
 
 template <typename T>
-BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out) {
+BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out, bool head_major = kDefaultHeadMajorBackward) {
   const MsdaShape& s = p.shape;
   BackwardArgs<T> a;
   a.shape = s;
@@ -524,6 +596,8 @@ BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out) {
   // multiples of that width, so the base pointer must be aligned to it.
   const size_t atomic_bytes = static_cast<size_t>(std::min(vec, 4)) * sizeof(acc_of<T>);
   a.vec_atomics = reinterpret_cast<uintptr_t>(p.grad_value) % atomic_bytes == 0;
+  a.head_major = head_major;
+  a.loc_pairs = pairs_aligned<acc_of<T>>(p.sampling_loc);
   *vec_out = vec;
   return a;
 }
@@ -622,18 +696,35 @@ void launch_planned(const Args& a, int vec, int device, void* stream) {
   throw std::logic_error(std::string("ddetr CUDA: ") + Kernels::name + ": no kernel for vector width " + std::to_string(vec));
 }
 
-// DDETR_CUDA_FORWARD=general forces the general forward path (to compare the
-// two on one GPU: scripts/gpu_check.sh bench).
-bool general_forward_forced() {
-  const char* v = std::getenv("DDETR_CUDA_FORWARD");
-  return v != nullptr && std::strcmp(v, "general") == 0;
+// Developer switches, read at every call, to compare the variants on one GPU
+// (scripts/bench_cuda_variants.py): DDETR_CUDA_FORWARD=general forces the
+// general forward path (staged, the default, runs where it can: one vector
+// per lane, 32-bit offsets), DDETR_CUDA_ORDER=query|head the task order of
+// both kernels. Unset or "auto": the defaults. Returns the index of the value
+// in `choices`, -1 for the default.
+int env_choice(const char* name, std::initializer_list<const char*> choices) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return -1;
+  int i = 0;
+  std::string names;
+  for (const char* c : choices) {
+    if (std::strcmp(v, c) == 0) return i;
+    names += std::string(c) + ", ";
+    ++i;
+  }
+  throw std::invalid_argument(std::string("ddetr CUDA: ") + name + " must be " + names + "or auto, not '" + v + "'");
+}
+
+bool head_major_order(bool by_default) {
+  const int order = env_choice("DDETR_CUDA_ORDER", {"query", "head"});
+  return order < 0 ? by_default : order == 1;
 }
 
 template <typename T>
 void forward_typed(const MsdaForwardParams& p) {
+  const int path = env_choice("DDETR_CUDA_FORWARD", {"staged", "general"});
   int vec = 1;
-  ForwardArgs<T> a = plan_forward<T>(p, &vec);
-  if (general_forward_forced()) a.staged = false;
+  const ForwardArgs<T> a = plan_forward<T>(p, &vec, path != 1, head_major_order(kDefaultHeadMajorForward));
   if (a.num_groups == 0 || p.shape.channels == 0) return;
   launch_planned<T, ForwardKernels<T>>(a, vec, p.device, p.stream);
 }
@@ -641,7 +732,7 @@ void forward_typed(const MsdaForwardParams& p) {
 template <typename T>
 void backward_typed(const MsdaBackwardParams& p) {
   int vec = 1;
-  const BackwardArgs<T> a = plan_backward<T>(p, &vec);
+  const BackwardArgs<T> a = plan_backward<T>(p, &vec, head_major_order(kDefaultHeadMajorBackward));
   if (a.num_groups == 0 || p.shape.channels == 0) return;
   launch_planned<T, BackwardKernels<T>>(a, vec, p.device, p.stream);
 }

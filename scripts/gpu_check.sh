@@ -5,10 +5,13 @@
 #   bash scripts/gpu_check.sh build-test   # build with CUDA required (fresh build dir), then the CUDA tests
 #   bash scripts/gpu_check.sh verify       # compute-sanitizer memcheck over the CUDA tests (float64 reference,
 #                                          # half precision, partial warps, side stream, graph replay)
-#   bash scripts/gpu_check.sh bench        # op fp32/bf16/fp16, model vs transformers (800x1333, batch 1 and 8,
-#                                          # fp32 and bf16), training step, CPU thread scaling
+#   bash scripts/gpu_check.sh bench        # kernel variants (scripts/bench_cuda_variants.py), op fp32/bf16/fp16,
+#                                          # model vs transformers (800x1333, batch 1 and 8, fp32 and bf16), training step
+#   bash scripts/gpu_check.sh cpu          # the host CPU: cpu-check (its instruction sets, the CPU kernel tests on
+#                                          # its widest build, AVX-512 where it has it), then cpu-scaling (thread
+#                                          # scaling of op and model)
 #   bash scripts/gpu_check.sh profile      # Nsight Compute sections of the forward and backward kernels
-#   bash scripts/gpu_check.sh all          # build-test, verify and bench in order
+#   bash scripts/gpu_check.sh all          # build-test, verify, bench, cpu and profile in order (about 8 minutes)
 #
 # Logs and JSON go to build/gpu-check; when $OUT is set (the lent GPU machine,
 # which returns at most 8 files) they are also packed into $OUT/gpu-check.tgz
@@ -93,9 +96,11 @@ verify() {
 }
 
 bench() {
-  # The general forward path (every lane computes its own taps), for comparison.
-  step op_float32_general 120 env DDETR_CUDA_FORWARD=general "$PY" -m ddetr_cli bench --device cuda --case encoder-1333 \
-    --case decoder --batch-size 1 --batch-size 2 --warmup 3 --repeats 20 --json "$LOGS/op_float32_general.json"
+  # Forward paths and task orders side by side, kernel time only (CUDA graphs).
+  step variants 150 "$PY" scripts/bench_cuda_variants.py --json "$LOGS/variants.json"
+  # Scattered reference points (no locality between neighbouring queries).
+  step op_float32_random 120 ddetr bench --device cuda --case encoder-1333-random --batch-size 2 --warmup 3 --repeats 20 \
+    --json "$LOGS/op_float32_random.json"
   for dtype in float32 bfloat16 float16; do
     step "op_$dtype" 120 ddetr bench --device cuda --dtype "$dtype" --case encoder-1333 --case decoder --batch-size 1 --batch-size 2 \
       --warmup 3 --repeats 20 --json "$LOGS/op_$dtype.json"
@@ -108,16 +113,26 @@ bench() {
   done
   step train_bf16 200 ddetr bench --train --device cuda --dtype bfloat16 --input-size 800 1066 --batch-size 2 --warmup 2 --repeats 6 \
     --json "$LOGS/train_bf16.json"
+}
+
+cpu_check() {
+  step cpu_info 30 bash -c "lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Socket|L2|L3'; grep -o -w -E 'avx512[a-z_0-9]*|amx[a-z_0-9]*|avx2' /proc/cpuinfo | sort | uniq -c; \
+    $PY -c 'import ddetr_cli._C as c; print(\"cpu isa\", c.cpu_isa(), \"compiled\", c.cpu_isas())'"
+  # The CPU kernel's tests on the widest build this CPU runs (never run on the 2-core AVX2 development machine).
+  step cpu_tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_msda_cpu.py tests/test_msda.py -m "not cuda" -x
+}
+
+cpu_scaling() {
   # Thread scaling of the CPU op and model on the host's cores, one table each.
-  step cpu_model_threads 400 ddetr bench --model --device cpu --threads 1,4,16 --no-hf --no-torch \
-    --input-size 800 1066 --warmup 1 --repeats 2 --json "$LOGS/cpu_model_threads.json"
-  step cpu_op_threads 300 ddetr bench --device cpu --threads 1,2,4,8,16 --case encoder --batch-size 1 --no-torch \
+  step cpu_op_threads 200 ddetr bench --device cpu --threads 1,2,4,8,16 --case encoder --batch-size 1 --no-torch \
     --warmup 1 --repeats 3 --json "$LOGS/cpu_op_threads.json"
+  step cpu_model_threads 200 ddetr bench --model --device cpu --threads 1,4,16 --no-hf --no-torch \
+    --input-size 800 1066 --warmup 1 --repeats 2 --json "$LOGS/cpu_model_threads.json"
 }
 
 profile() {
   # Nsight Compute on one forward and one backward launch at the 800x1333 batch-2
-  # encoder shape, staged and general forward: speed of light, memory
+  # encoder shape, head-major and query-major task order: speed of light, memory
   # workload, occupancy and warp stalls (where the time goes, without guessing).
   local code='
 import torch
@@ -130,8 +145,8 @@ for _ in range(2):
     out.backward(torch.ones_like(out))
 torch.cuda.synchronize()
 '
-  for path in staged general; do
-    step "ncu_$path" 200 env DDETR_CUDA_FORWARD=$path ncu --clock-control none --target-processes all \
+  for order in head query; do
+    step "ncu_$order" 200 env DDETR_CUDA_ORDER=$order ncu --clock-control none --target-processes all \
       --kernel-name regex:msda_ --launch-skip 2 --launch-count 2 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
       --section LaunchStats "$PY" -c "$code"
@@ -143,9 +158,12 @@ case "${1:-all}" in
   build-test) build_test ;;
   verify) verify ;;
   bench) bench ;;
+  cpu) cpu_check; cpu_scaling ;;
+  cpu-check) cpu_check ;;
+  cpu-scaling) cpu_scaling ;;
   profile) profile ;;
-  all) build_test; verify; bench ;;
-  *) echo "usage: $0 build-test|verify|bench|all" >&2; exit 2 ;;
+  all) build_test; verify; bench; cpu_check; cpu_scaling; profile ;;
+  *) echo "usage: $0 build-test|verify|bench|cpu|cpu-check|cpu-scaling|profile|all" >&2; exit 2 ;;
 esac
 
 if ((${#failed[@]})); then

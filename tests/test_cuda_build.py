@@ -250,10 +250,9 @@ void run_grid(K kernel, const A& a, unsigned grid) {
 }
 
 template <typename T>
-int forward(const MsdaForwardParams& p, unsigned grid, bool staged) {
+int forward(const MsdaForwardParams& p, unsigned grid, bool staged, bool head_major) {
   int vec = 1;
-  // Staged wherever it applies, however few the groups (the GPU takes it from 16k groups on).
-  const ForwardArgs<T> a = plan_forward<T>(p, &vec, staged ? 0 : INT64_MAX);
+  const ForwardArgs<T> a = plan_forward<T>(p, &vec, staged, head_major);
   switch (vec) {
     case 8: if constexpr (sizeof(T) <= 2) run_grid(msda_forward_kernel<T, 8>, a, grid); break;
     case 4: if constexpr (sizeof(T) <= 4) run_grid(msda_forward_kernel<T, 4>, a, grid); break;
@@ -264,9 +263,9 @@ int forward(const MsdaForwardParams& p, unsigned grid, bool staged) {
 }
 
 template <typename T>
-int backward(const MsdaBackwardParams& p, unsigned grid) {
+int backward(const MsdaBackwardParams& p, unsigned grid, bool head_major) {
   int vec = 1;
-  const BackwardArgs<T> a = plan_backward<T>(p, &vec);
+  const BackwardArgs<T> a = plan_backward<T>(p, &vec, head_major);
   switch (vec) {
     case 8: if constexpr (sizeof(T) <= 2) run_grid(msda_backward_kernel<T, 8>, a, grid); break;
     case 4: if constexpr (sizeof(T) <= 4) run_grid(msda_backward_kernel<T, 4>, a, grid); break;
@@ -296,24 +295,25 @@ MsdaShape make_shape(const int64_t* sizes, const int64_t* hw) {
 // Both return the vector width the launcher chose, -1 after a warp error, -2
 // after a misaligned vector access.
 extern "C" int emu_forward(int dtype, const int64_t* sizes, const int64_t* hw, const void* value,
-                           const void* loc, const void* attn, void* out, unsigned grid, int staged) {
+                           const void* loc, const void* attn, void* out, unsigned grid, int staged,
+                           int head_major) {
   using namespace ddetr;
   MsdaForwardParams p;
   p.shape = make_shape(sizes, hw);
   p.value = value; p.sampling_loc = loc; p.attn_weight = attn; p.output = out;
   int vec = 0;
   switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32: vec = forward<float>(p, grid, staged != 0); break;
-    case DType::kFloat64: vec = forward<double>(p, grid, staged != 0); break;
-    case DType::kBFloat16: vec = forward<__nv_bfloat16>(p, grid, staged != 0); break;
-    case DType::kFloat16: vec = forward<__half>(p, grid, staged != 0); break;
+    case DType::kFloat32: vec = forward<float>(p, grid, staged != 0, head_major != 0); break;
+    case DType::kFloat64: vec = forward<double>(p, grid, staged != 0, head_major != 0); break;
+    case DType::kBFloat16: vec = forward<__nv_bfloat16>(p, grid, staged != 0, head_major != 0); break;
+    case DType::kFloat16: vec = forward<__half>(p, grid, staged != 0, head_major != 0); break;
   }
   return emu::errors ? -1 : (emu::misaligned ? -2 : vec);
 }
 
 extern "C" int emu_backward(int dtype, const int64_t* sizes, const int64_t* hw, const void* value,
                             const void* loc, const void* attn, const void* grad_out, void* grad_value,
-                            void* grad_loc, void* grad_attn, unsigned grid) {
+                            void* grad_loc, void* grad_attn, unsigned grid, int head_major) {
   using namespace ddetr;
   MsdaBackwardParams p;
   p.shape = make_shape(sizes, hw);
@@ -321,10 +321,10 @@ extern "C" int emu_backward(int dtype, const int64_t* sizes, const int64_t* hw, 
   p.grad_value = grad_value; p.grad_loc = grad_loc; p.grad_attn = grad_attn;
   int vec = 0;
   switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32: vec = backward<float>(p, grid); break;
-    case DType::kFloat64: vec = backward<double>(p, grid); break;
-    case DType::kBFloat16: vec = backward<__nv_bfloat16>(p, grid); break;
-    case DType::kFloat16: vec = backward<__half>(p, grid); break;
+    case DType::kFloat32: vec = backward<float>(p, grid, head_major != 0); break;
+    case DType::kFloat64: vec = backward<double>(p, grid, head_major != 0); break;
+    case DType::kBFloat16: vec = backward<__nv_bfloat16>(p, grid, head_major != 0); break;
+    case DType::kFloat16: vec = backward<__half>(p, grid, head_major != 0); break;
   }
   return emu::errors ? -1 : (emu::misaligned ? -2 : vec);
 }
@@ -354,7 +354,7 @@ _EMU_CHECK = textwrap.dedent(
         view.copy_(t)
         return view
 
-    def case(dtype, N, Lq, M, D, shapes, P, grid, misalign=0, special=False, seed=0):
+    def case(dtype, N, Lq, M, D, shapes, P, grid, misalign=0, special=False, seed=0, loc_misalign=0):
         g = torch.Generator().manual_seed(seed)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         L, S = len(shapes), sum(h * w for h, w in shapes)
@@ -363,36 +363,41 @@ _EMU_CHECK = textwrap.dedent(
         if special:
             flat = loc.view(-1)
             flat[0], flat[3], flat[5], flat[6], flat[7] = float("nan"), float("inf"), -float("inf"), 5.0, -3.0
-        loc = loc.to(acc)
+        loc = placed(loc.to(acc), loc_misalign)  # an odd offset: no (x, y) pair loads
         attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64).to(acc)
         grad = torch.randn(N, Lq, M, D, generator=g, dtype=torch.float64).to(dtype)
         sizes, hw = i64([N, S, M, D, Lq, L, P]), i64([x for s in shapes for x in s])
         value_k, grad_k = placed(value, misalign), placed(grad, misalign)
-        out = torch.full((N, Lq, M, D), float("nan"), dtype=dtype)  # every element must be written
-        vec_f = lib.emu_forward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(out), ctypes.c_uint(grid), 1)
-        # The general forward path must agree with the staged one.
-        out_general = torch.full_like(out, float("nan"))
-        vec_g = lib.emu_forward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(out_general),
-                                ctypes.c_uint(grid), 0)
-        assert vec_g == vec_f, (vec_g, vec_f)
-        gv = placed(torch.zeros(N, S, M, D, dtype=acc), misalign)
-        gl = torch.full(loc.shape, float("nan"), dtype=acc)
-        ga = torch.full(attn.shape, float("nan"), dtype=acc)
-        vec_b = lib.emu_backward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(grad_k),
-                                 ptr(gv), ptr(gl), ptr(ga), ctypes.c_uint(grid))
-        assert vec_f != -2 and vec_b != -2, "a vector access was not aligned to its width"
-        assert vec_f > 0 and vec_b > 0, "a warp did not shuffle with all 32 lanes"
         v, l, a = (t.double().requires_grad_() for t in (value, loc, attn))
         ref = ms_deform_attn_torch(v, torch.tensor(shapes), None, l, a)
         ref.backward(grad.double().reshape(ref.shape))
-        for name, got, want in (("output", out, ref.detach()), ("output (general path)", out_general, ref.detach()),
-                                ("grad_value", gv, v.grad),
-                                ("grad_attn", ga, a.grad), ("grad_loc", gl, l.grad)):
+
+        def check(name, got, want):
             got = got.double().reshape(want.shape)
             assert not torch.isnan(got).any(), f"{name}: not fully written"
             err = (got - want).abs().max().item()
             assert err <= TOL[dtype] * max(1.0, want.abs().max().item()), f"{name}: max error {err}"
-        return vec_f
+
+        vecs = set()
+        # Staged and general forward, backward, in both task orders (query-major, head-major).
+        for head_major in (0, 1):
+            for staged in (1, 0):
+                out = torch.full((N, Lq, M, D), float("nan"), dtype=dtype)  # every element must be written
+                vecs.add(lib.emu_forward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(out),
+                                         ctypes.c_uint(grid), staged, head_major))
+                check(f"output (staged={staged}, head_major={head_major})", out, ref.detach())
+            gv = placed(torch.zeros(N, S, M, D, dtype=acc), misalign)
+            gl = torch.full(loc.shape, float("nan"), dtype=acc)
+            ga = torch.full(attn.shape, float("nan"), dtype=acc)
+            vec_b = lib.emu_backward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(grad_k),
+                                     ptr(gv), ptr(gl), ptr(ga), ctypes.c_uint(grid), head_major)
+            assert vec_b != -2, "a vector access was not aligned to its width"
+            assert vec_b > 0, "a warp did not shuffle with all 32 lanes"
+            for name, got, want in (("grad_value", gv, v.grad), ("grad_attn", ga, a.grad), ("grad_loc", gl, l.grad)):
+                check(f"{name} (head_major={head_major})", got, want)
+        assert -2 not in vecs, "a vector access was not aligned to its width"
+        assert len(vecs) == 1 and min(vecs) > 0, f"warp errors or differing vector widths: {vecs}"
+        return vecs.pop()
 
     widths = set()
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -405,7 +410,8 @@ _EMU_CHECK = textwrap.dedent(
     case(torch.float32, 3, 7, 5, 8, odd, P=2, grid=2, misalign=2, special=True)
     case(torch.float16, 3, 7, 5, 16, odd, P=2, grid=2, misalign=4, special=True)
     case(torch.bfloat16, 2, 9, 4, 16, odd, P=2, grid=1, misalign=2, special=True)
-    case(torch.float64, 2, 9, 4, 6, odd, P=2, grid=3, misalign=1, special=True)
+    case(torch.float64, 2, 9, 4, 6, odd, P=2, grid=3, misalign=1, special=True, loc_misalign=1)
+    case(torch.float32, 2, 9, 4, 8, odd, P=2, grid=2, special=True, loc_misalign=1)
     case(torch.float32, 1, 40, 8, 32, [(5, 6), (3, 3), (2, 1), (1, 1)], P=4, grid=1, special=True)
     case(torch.float32, 2, 3, 2, 1100, odd, P=2, grid=1, special=True)
     # Staged forward: 20 points per group in staging rounds of 16, 20 grid-stride steps.

@@ -24,6 +24,20 @@ SHAPES = [(7, 5), (3, 4), (1, 1)]
 N, LQ, M, P = 2, 37, 3, 4
 
 
+# Every kernel variant: the forward path (staged, the default where it can run,
+# or general) and the task order of both kernels (query-major or head-major),
+# through the developer switches.
+VARIANTS = [("auto", "auto"), ("auto", "query"), ("auto", "head"), ("general", "query"), ("general", "head")]
+
+
+@pytest.fixture(params=VARIANTS, ids=["-".join(v) for v in VARIANTS])
+def variant(request, monkeypatch):
+    forward, order = request.param
+    monkeypatch.setenv("DDETR_CUDA_FORWARD", forward)
+    monkeypatch.setenv("DDETR_CUDA_ORDER", order)
+    return request.param
+
+
 def _grads(fn, value, loc, attn, grad):
     v, lo, a = (t.detach().clone().requires_grad_() for t in (value, loc, attn))
     out = fn(v, lo, a)
@@ -47,7 +61,7 @@ def _max_rel_err(got, want):
 
 
 @pytest.mark.parametrize("D", [8, 30, 32, 71])
-def test_float64_matches_reference(D):
+def test_float64_matches_reference(D, variant):
     value, spatial, start, loc, attn = make_case(SHAPES, N=N, Lq=LQ, M=M, D=D, P=P, device="cuda", seed=D)
     loc.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 7.0, -4.0, 1e30], device="cuda")
     grad = torch.randn(N, LQ, M * D, dtype=torch.float64, device="cuda")
@@ -58,7 +72,7 @@ def test_float64_matches_reference(D):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("D", [12, 16, 30, 32])
-def test_half_precision_against_float64(dtype, tol, D):
+def test_half_precision_against_float64(dtype, tol, D, variant):
     value, spatial, start, loc, attn = make_case(SHAPES, N=N, Lq=LQ, M=M, D=D, P=P, device="cuda", seed=D)
     grad = torch.randn(N, LQ, M * D, dtype=torch.float64, device="cuda")
     value16, grad16 = value.to(dtype), grad.to(dtype)
@@ -70,6 +84,13 @@ def test_half_precision_against_float64(dtype, tol, D):
     assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
     for name, g, w in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, want):
         assert _max_rel_err(g, w) < tol, name
+
+
+def test_a_wrong_kernel_switch_is_named(monkeypatch):
+    value, spatial, start, loc, attn = make_case(SHAPES, N=N, Lq=LQ, M=M, D=8, P=P, device="cuda", seed=0)
+    monkeypatch.setenv("DDETR_CUDA_ORDER", "diagonal")
+    with pytest.raises(Exception, match="DDETR_CUDA_ORDER must be query, head, or auto, not 'diagonal'"):
+        ms_deform_attn(value, spatial, start, loc, attn, backend="native")
 
 
 def test_runs_on_the_callers_stream():

@@ -21,13 +21,32 @@ class OpCase:
     name: str
     image: tuple[int, int]  # (H, W) of the input image
     queries: int | None  # None: every token queries (encoder)
+    # Reference points: "pixels" (the encoder's: query i sits at the centre of
+    # its own pixel, so neighbouring queries sample neighbouring places) or
+    # "random" (uniform over the image, as the decoder's learnt ones are spread).
+    refs: str = "pixels"
 
 
 CASES = {
     "encoder": OpCase("encoder 800x1066", (800, 1066), None),
     "encoder-1333": OpCase("encoder 800x1333", (800, 1333), None),
-    "decoder": OpCase("decoder 300 queries", (800, 1066), 300),
+    "decoder": OpCase("decoder 300 queries", (800, 1066), 300, refs="random"),
+    # The encoder's shape with scattered references: no locality between
+    # neighbouring queries (the inputs of the op tables before pixel references).
+    "encoder-1333-random": OpCase("encoder 800x1333, random refs", (800, 1333), None, refs="random"),
 }
+
+
+def pixel_centres(shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """(S, 2) normalised (x, y) centres of every pixel of every level, in token order."""
+    centres = []
+    for h, w in shapes:
+        y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        centres.append(torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1))  # (h*w, 2)
+    return torch.cat(centres)
+
+
+DEFAULT_CASES = ("encoder", "encoder-1333", "decoder")
 
 
 def level_shapes(image_hw: tuple[int, int]) -> list[tuple[int, int]]:
@@ -50,7 +69,11 @@ def make_inputs(case: OpCase, batch: int, dtype: torch.dtype, device: torch.devi
     Lq = S if case.queries is None else case.queries
     value = torch.randn(batch, S, M_HEADS, D_HEAD, generator=g).to(device, dtype)
     # Points scattered around each query's reference, a few pixels away, as after training.
-    ref = torch.rand(batch, Lq, 1, 1, 1, 2, generator=g)
+    if case.refs == "pixels" and case.queries is None:
+        ref = pixel_centres(shapes).view(1, Lq, 1, 1, 1, 2).expand(batch, -1, -1, -1, -1, -1)
+        torch.rand(batch, Lq, 1, 1, 1, 2, generator=g)  # keeps the generator's stream as with random refs
+    else:
+        ref = torch.rand(batch, Lq, 1, 1, 1, 2, generator=g)
     offsets = torch.randn(batch, Lq, M_HEADS, N_LEVELS, N_POINTS, 2, generator=g) * 0.02
     loc = (ref + offsets).to(device)  # float32 always: locations keep full precision
     attn = torch.randn(batch, Lq, M_HEADS, N_LEVELS * N_POINTS, generator=g).softmax(-1)
@@ -108,7 +131,7 @@ def bench_op(
     against the byte floor (:func:`min_bytes` at the measured copy rate)."""
     rows = []
     bandwidth = copy_bandwidth(device)
-    for key in cases or list(CASES):
+    for key in cases or DEFAULT_CASES:
         case = CASES[key]
         for batch in batches:
             inputs = make_inputs(case, batch, dtype, device)

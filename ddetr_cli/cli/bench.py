@@ -57,8 +57,9 @@ def parse_threads(values: tuple[str, ...]) -> list[int]:
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Op: tensor dtype. --model/--train: float32, or bfloat16/float16 autocast.")
-@click.option("--case", "cases", multiple=True, type=click.Choice(["encoder", "encoder-1333", "decoder"]),
-              help="Op shapes to time (repeatable; default all).")
+@click.option("--case", "cases", multiple=True, type=click.Choice(["encoder", "encoder-1333", "decoder", "encoder-1333-random"]),
+              help="Op shapes to time (repeatable; default encoder, encoder-1333 and decoder; encoder inputs sample "
+                   "around each query's own pixel, encoder-1333-random around random points).")
 @click.option("--batch-size", "batches", multiple=True, type=click.IntRange(1),
               help="Batch sizes (repeatable; default: op 1 and 2, --model 1, --train 2).")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
