@@ -36,6 +36,28 @@ def test_bench_op(tmp_path):
     assert [r["threads"] for r in report["roofline"]] == [1] and report["roofline"][0]["matmul_gflops"] > 0
 
 
+def test_bench_encoder_inputs_sample_around_each_querys_own_pixel():
+    """The encoder cases feed the op what the model's encoder does: query i of level l sits at the centre
+    of its own pixel, so neighbouring queries sample neighbouring places; the -random cases and the
+    decoder scatter them."""
+    import torch
+
+    from ddetr_cli.bench.op import CASES, level_shapes, make_inputs
+
+    device = torch.device("cpu")
+    _, spatial, start, loc, _ = make_inputs(CASES["encoder"], 2, torch.float32, device)
+    shapes = level_shapes(CASES["encoder"].image)
+    centre = loc.mean(dim=(2, 3, 4))  # [N, S, 2]: points scatter around the reference, so their mean is near it
+    for (h, w), first in zip(shapes, start.tolist()):
+        for i in (0, w + 1, h * w - 1):  # first pixel, (1, 1), last pixel of the level
+            y, x = divmod(i, w)
+            want = torch.tensor([(x + 0.5) / w, (y + 0.5) / h])
+            assert torch.allclose(centre[:, first + i], want.expand(2, 2), atol=0.01), (h, w, i)
+    random_loc = make_inputs(CASES["encoder-random"], 1, torch.float32, device)[3].mean(dim=(2, 3, 4))[0]
+    neighbour_gap = (random_loc[1:100] - random_loc[:99]).abs().max()
+    assert neighbour_gap > 0.1  # scattered: neighbouring queries sample far apart
+
+
 def test_bench_thread_scaling(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--case", "decoder", "--batch-size", "1",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.deformable_transformer import encoder_reference_points
 from ..ops import ms_deform_attn
 from .roofline import copy_bandwidth, op_flops
 from .timing import measure
@@ -31,19 +32,11 @@ CASES = {
     "encoder": OpCase("encoder 800x1066", (800, 1066), None),
     "encoder-1333": OpCase("encoder 800x1333", (800, 1333), None),
     "decoder": OpCase("decoder 300 queries", (800, 1066), 300, refs="random"),
-    # The encoder's shape with scattered references: no locality between
+    # The encoder's shapes with scattered references: no locality between
     # neighbouring queries (the inputs of the op tables before pixel references).
+    "encoder-random": OpCase("encoder 800x1066, random refs", (800, 1066), None, refs="random"),
     "encoder-1333-random": OpCase("encoder 800x1333, random refs", (800, 1333), None, refs="random"),
 }
-
-
-def pixel_centres(shapes: list[tuple[int, int]]) -> torch.Tensor:
-    """(S, 2) normalised (x, y) centres of every pixel of every level, in token order."""
-    centres = []
-    for h, w in shapes:
-        y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
-        centres.append(torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1))  # (h*w, 2)
-    return torch.cat(centres)
 
 
 DEFAULT_CASES = ("encoder", "encoder-1333", "decoder")
@@ -70,7 +63,9 @@ def make_inputs(case: OpCase, batch: int, dtype: torch.dtype, device: torch.devi
     value = torch.randn(batch, S, M_HEADS, D_HEAD, generator=g).to(device, dtype)
     # Points scattered around each query's reference, a few pixels away, as after training.
     if case.refs == "pixels" and case.queries is None:
-        ref = pixel_centres(shapes).view(1, Lq, 1, 1, 1, 2).expand(batch, -1, -1, -1, -1, -1)
+        # The encoder's own reference points (no padding: valid ratios 1).
+        ref = encoder_reference_points(shapes, torch.ones(1, N_LEVELS, 2))[:, :, 0]  # [1, S, 2]
+        ref = ref.view(1, Lq, 1, 1, 1, 2).expand(batch, -1, -1, -1, -1, -1)
         torch.rand(batch, Lq, 1, 1, 1, 2, generator=g)  # keeps the generator's stream as with random refs
     else:
         ref = torch.rand(batch, Lq, 1, 1, 1, 2, generator=g)

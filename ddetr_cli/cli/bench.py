@@ -34,6 +34,13 @@ def _environment(device) -> dict:
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    try:  # the reference rows' version, when it is installed (not imported here: metadata only)
+        from importlib.metadata import PackageNotFoundError, version
+
+        env["transformers"] = version("transformers")
+    except PackageNotFoundError:
+        env["transformers"] = None
     return env
 
 
@@ -57,9 +64,9 @@ def parse_threads(values: tuple[str, ...]) -> list[int]:
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Op: tensor dtype. --model/--train: float32, or bfloat16/float16 autocast.")
-@click.option("--case", "cases", multiple=True, type=click.Choice(["encoder", "encoder-1333", "decoder", "encoder-1333-random"]),
-              help="Op shapes to time (repeatable; default encoder, encoder-1333 and decoder; encoder inputs sample "
-                   "around each query's own pixel, encoder-1333-random around random points).")
+@click.option("--case", "cases", multiple=True, type=click.Choice(["encoder", "encoder-1333", "decoder", "encoder-random", "encoder-1333-random"]),
+              help="Op shapes to time (repeatable; default encoder, encoder-1333 and decoder). Encoder queries sample "
+                   "around their own pixel, as in the model; the -random cases around random points.")
 @click.option("--batch-size", "batches", multiple=True, type=click.IntRange(1),
               help="Batch sizes (repeatable; default: op 1 and 2, --model 1, --train 2).")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
