@@ -14,6 +14,7 @@
 // element is written by one task, no atomics: bitwise the same result for any
 // thread count.
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -37,6 +38,21 @@
 namespace ddetr {
 namespace DDETR_CPU_ISA {
 namespace {
+
+// a * b + c with one rounding where the build has FMA (the AVX2 and AVX-512
+// builds), else a multiply and an add. The kernels are compiled with
+// -ffp-contract=off, so the compiler fuses nothing by itself (it would decide
+// loop by loop, vector body and remainder apart, and the backward's two
+// schedules must add the same terms to the same bits): every multiply-add that
+// should fuse says so here, and GCC and Clang vectorise it to vfmadd.
+template <typename T>
+inline T madd(T a, T b, T c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 // Asks for the cache lines of a row that the next gathers will read.
 template <typename scalar_t>
@@ -94,7 +110,7 @@ void forward_impl(const MsdaForwardParams& prm) {
             const acc_t w0 = a * t.weight[0], w1 = a * t.weight[1], w2 = a * t.weight[2], w3 = a * t.weight[3];
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d)
-              acc[d] += w0 * Cv::load(v0[d]) + w1 * Cv::load(v1[d]) + w2 * Cv::load(v2[d]) + w3 * Cv::load(v3[d]);
+              acc[d] = madd(w3, Cv::load(v3[d]), madd(w2, Cv::load(v2[d]), madd(w1, Cv::load(v1[d]), madd(w0, Cv::load(v0[d]), acc[d]))));
           }
         }
         scalar_t* o = out + (nq * M + m) * D;
@@ -141,8 +157,16 @@ inline acc_t row_dot(const acc_t* g, const scalar_t* go, const scalar_t* v, int6
 #endif
   acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-  for (int64_t d = 0; d < D; ++d) dot += g[d] * Convert<scalar_t, acc_t>::load(v[d]);
+  for (int64_t d = 0; d < D; ++d) dot = madd(g[d], Convert<scalar_t, acc_t>::load(v[d]), dot);
   return dot;
+}
+
+// gv[0 .. D) += aw * g: one grad_value row's share of a corner, the same
+// instructions in both backward schedules.
+template <typename acc_t>
+inline void add_scaled_row(acc_t* gv, acc_t aw, const acc_t* g, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) gv[d] = madd(aw, g[d], gv[d]);
 }
 
 // One query's points of one (n, m, level) that may touch a band: bit p of
@@ -275,10 +299,7 @@ void backward_fused(const MsdaBackwardParams& prm) {
           for (int c = 0; c < 4; ++c) {
             if (!((t.inside >> c) & 1u)) continue;
             const acc_t dot = row_dot<scalar_t, acc_t>(g, go, vrows + t.index[c] * stride, D);
-            acc_t* gv = grows + t.index[c] * stride;
-            const acc_t aw = a * t.weight[c];
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) gv[d] += aw * g[d];
+            add_scaled_row(grows + t.index[c] * stride, a * t.weight[c], g, D);
             ga += t.weight[c] * dot;
             gx += t.dweight_dx[c] * dot;
             gy += t.dweight_dy[c] * dot;
@@ -531,10 +552,7 @@ void backward_impl(const MsdaBackwardParams& prm) {
               for (int64_t d = 0; d < D; ++d) g[d] = Cv::load(go[d]);
               have_g = true;
             }
-            acc_t* gv = dst + (i - lo) * stride;
-            const acc_t aw = a * t.weight[c];
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) gv[d] += aw * g[d];
+            add_scaled_row(dst + (i - lo) * stride, a * t.weight[c], g, D);
           }
         }
       };

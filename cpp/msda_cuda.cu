@@ -38,9 +38,11 @@
 // query-major (task t is group t: heads fastest, the memory order) or
 // head-major (task t runs over the queries of one (n, m) fastest, so a block
 // works on neighbouring queries of one head). In the encoder neighbouring
-// queries are neighbouring pixels whose sampling points overlap, so head-major
-// blocks find more of their gathers in L1. DDETR_CUDA_ORDER=query|head picks
-// one for both kernels (defaults: kDefaultHeadMajorForward / Backward).
+// queries are neighbouring pixels whose sampling points overlap: head-major
+// raised the staged forward's L1 hit rate from 61 to 72 % at the 800x1333
+// encoder (Nsight Compute, H200) but not its speed, which the L1 throughput
+// then bounds; it does speed up the backward. DDETR_CUDA_ORDER=query|head
+// picks one for both kernels (defaults: kDefaultHeadMajorForward / Backward).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -78,7 +78,7 @@ def threads():
 
 
 @pytest.mark.parametrize("case", [encoder_like, decoder_like])
-@pytest.mark.parametrize("D", [32, 33])
+@pytest.mark.parametrize("D", [32, 33, 48])  # 33 and 48 differed on an AVX-512 CPU while the compiler fused by itself
 def test_backward_bitwise_equal_for_any_thread_count(case, D, threads):
     args = case(D)
     results = []
