@@ -354,7 +354,7 @@ _EMU_CHECK = textwrap.dedent(
         view.copy_(t)
         return view
 
-    def case(dtype, N, Lq, M, D, shapes, P, grid, misalign=0, special=False, seed=0, loc_misalign=0):
+    def case(dtype, N, Lq, M, D, shapes, P, grid, misalign=0, special=False, seed=0, loc_misalign=0, orders=(0, 1)):
         g = torch.Generator().manual_seed(seed)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         L, S = len(shapes), sum(h * w for h, w in shapes)
@@ -379,8 +379,8 @@ _EMU_CHECK = textwrap.dedent(
             assert err <= TOL[dtype] * max(1.0, want.abs().max().item()), f"{name}: max error {err}"
 
         vecs = set()
-        # Staged and general forward, backward, in both task orders (query-major, head-major).
-        for head_major in (0, 1):
+        # Staged and general forward, backward, in each task order asked for (0 query-major, 1 head-major).
+        for head_major in orders:
             for staged in (1, 0):
                 out = torch.full((N, Lq, M, D), float("nan"), dtype=dtype)  # every element must be written
                 vecs.add(lib.emu_forward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(out),
@@ -404,7 +404,9 @@ _EMU_CHECK = textwrap.dedent(
         for D in (1, 2, 3, 8, 30, 32, 71, 136, 264):
             for N, Lq, M in ((1, 3, 1), (2, 5, 3)):
                 shapes = [(3, 4), (2, 5)] if D % 2 else [(1, 1), (4, 3), (2, 2)]
-                widths.add((str(dtype), case(dtype, N, Lq, M, D, shapes, P=3, grid=1 + D % 3)))
+                # Head-major only on every third: the order is the same index arithmetic for any dtype and D.
+                orders = (0, 1) if D % 3 == 0 else (0,)
+                widths.add((str(dtype), case(dtype, N, Lq, M, D, shapes, P=3, grid=1 + D % 3, orders=orders)))
     odd = [(3, 4), (2, 5)]
     case(torch.float32, 3, 7, 5, 4, odd, P=2, grid=1, misalign=1)
     case(torch.float32, 3, 7, 5, 8, odd, P=2, grid=2, misalign=2, special=True)
