@@ -1,7 +1,8 @@
 """The CUDA kernel variants side by side, kernel time only: the forward's two
 paths (staged, general) and the two task orders (query-major, head-major), at
 the encoder's shape and at growing decoder-like shapes, so the defaults in
-cpp/msda_cuda.cu (kStagedMinGroups, kDefaultHeadMajor) rest on measurements.
+cpp/msda_cuda.cu (the staged forward wherever it can run, and
+kDefaultHeadMajorForward / Backward) rest on measurements.
 
     python scripts/bench_cuda_variants.py [--json PATH]
 
