@@ -55,25 +55,6 @@ def readme_commands() -> list[str]:
     return found
 
 
-# Options whose README values would make a bench run minutes long (full-size op cases, many
-# thread counts): the test drops them and runs TINY's instead; every other option is kept as written.
-SIZE_OPTIONS = {"bench": ("--case", "--threads")}
-
-
-def shrink(sub: str, args: list[str]) -> list[str]:
-    """args without the values of SIZE_OPTIONS[sub] (each option takes one value)."""
-    out, drop = [], SIZE_OPTIONS.get(sub, ())
-    skip = False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in drop:
-            skip = True
-        else:
-            out.append(a)
-    return out
-
-
 def needs_gpu(command: str) -> bool:
     """The GPU section's commands (measured on a lent GPU; CI has none)."""
     return "--device cuda" in command
@@ -130,7 +111,6 @@ def test_every_readme_command_runs(tmp_path, monkeypatch):
             continue
         seen.add(tuple(args))
         sub = args[0]
-        args = shrink(sub, args)
         extra = TINY.get("train --resume" if sub == "train" and "--resume" in args else sub, [])
         if sub == "train" and "--resume" not in args:
             extra = [*extra, "--config", "small.yaml"]
