@@ -58,6 +58,13 @@ def test_bench_encoder_inputs_sample_around_each_querys_own_pixel():
     assert neighbour_gap > 0.1  # scattered: neighbouring queries sample far apart
 
 
+def test_bench_case_choices_are_the_op_cases():
+    from ddetr_cli.bench.op import CASES, DEFAULT_CASES
+    from ddetr_cli.cli.bench import OP_CASES
+
+    assert set(OP_CASES) == set(CASES) and set(DEFAULT_CASES) <= set(CASES)
+
+
 def test_bench_thread_scaling(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--case", "decoder", "--batch-size", "1",

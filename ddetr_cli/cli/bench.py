@@ -15,6 +15,9 @@ from .app import App, pass_app
 from .errors import user_errors
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# The keys of bench.op.CASES, spelled out here because the CLI starts without
+# importing torch (tests/test_bench.py checks the two agree).
+OP_CASES = ("encoder", "encoder-1333", "decoder", "encoder-random", "encoder-1333-random")
 
 
 def _environment(device) -> dict:
@@ -64,7 +67,7 @@ def parse_threads(values: tuple[str, ...]) -> list[int]:
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Op: tensor dtype. --model/--train: float32, or bfloat16/float16 autocast.")
-@click.option("--case", "cases", multiple=True, type=click.Choice(["encoder", "encoder-1333", "decoder", "encoder-random", "encoder-1333-random"]),
+@click.option("--case", "cases", multiple=True, type=click.Choice(OP_CASES),
               help="Op shapes to time (repeatable; default encoder, encoder-1333 and decoder). Encoder queries sample "
                    "around their own pixel, as in the model; the -random cases around random points.")
 @click.option("--batch-size", "batches", multiple=True, type=click.IntRange(1),
