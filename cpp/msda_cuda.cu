@@ -28,10 +28,13 @@
 // first computes the bilinear taps of a chunk of its groups' points, one point
 // per thread rather than once per lane of every group, into shared memory
 // (per point: four corner offsets and four weights with the attention weight
-// folded in; zero weight and offset 0 for a corner outside the map), then
-// every lane gathers its channels of the four corners with no branch, several
-// loads in flight. Otherwise (wide D, huge maps) each lane computes the taps
-// itself with int64 offsets (the general path).
+// folded in; zero weight and an in-map offset for a corner outside the map),
+// then every lane gathers its channels of the four corners with no branch,
+// several loads in flight. Otherwise (wide D, huge maps) each lane computes
+// the taps itself with int64 offsets (the general path). Two smaller tap
+// layouts were measured and dropped: 16 bytes (the lanes form the weights and
+// offsets: 65 % more instructions) and weights apart from offsets; neither
+// beat the 32-byte taps at their best register budget (H200).
 //
 // Blocks walk the (n, q, m) groups in a grid-stride loop, so the grid is capped
 // and any N, Lq, M works. The walk is over tasks, in one of two orders:
@@ -39,10 +42,10 @@
 // head-major (task t runs over the queries of one (n, m) fastest, so a block
 // works on neighbouring queries of one head). In the encoder neighbouring
 // queries are neighbouring pixels whose sampling points overlap: head-major
-// raised the staged forward's L1 hit rate from 61 to 72 % at the 800x1333
-// encoder (Nsight Compute, H200) but not its speed, which the L1 throughput
-// then bounds; it does speed up the backward. DDETR_CUDA_ORDER=query|head
-// picks one for both kernels (defaults: kDefaultHeadMajorForward / Backward).
+// raises the staged forward's L1 hit rate (61 to 72 % at the 800x1333 encoder,
+// Nsight Compute, H200), which pays in float32 once the forward runs at 75 %
+// occupancy, and it speeds up the backward. DDETR_CUDA_ORDER=query|head picks
+// one for both kernels (defaults: kDefaultHeadMajorForward / Backward).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -54,6 +57,7 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "ddetr/bilinear.h"
 #include "ddetr/msda.h"
@@ -68,6 +72,15 @@ constexpr int kBlocksPerSmCap = 32; // grid cap = SMs * this (then grid-stride)
 // Backward: at most 128 registers per thread. Without it ptxas squeezes some
 // instantiations into 64 registers with small spills (checked with -Xptxas -v).
 constexpr int kBackwardMinBlocks = 2;
+// Staged forward: 6 blocks per SM, so at most 40 registers per thread (75 %
+// occupancy; float32 spills nothing, bfloat16 8 bytes) where ptxas alone takes
+// 64 (50 %). Kernel time at the
+// 800x1333 batch-2 encoder (H200): float32 211 -> 203 us, bfloat16 177 -> 165;
+// 8 blocks (32 registers) spills and is slower (266, 326). float64, whose taps
+// take 1.5x the shared memory, keeps 4 (64 registers), what ptxas chose when
+// both paths were one kernel.
+template <typename T>
+constexpr int kStagedMinBlocks = sizeof(T) == 8 ? 4 : 6;
 
 // ------------------------------------------------------------- element types
 
@@ -258,22 +271,49 @@ __device__ __forceinline__ void load_xy(const acc_t* p, bool paired, acc_t& x, a
   }
 }
 
-// One point's four corners, ready to gather: element offsets from the head's
-// value[n, 0, m, 0] (32-bit) and bilinear weights times the attention weight.
+// One staged point, ready to gather: the element offsets of its four corners
+// from the head's value[n, 0, m, 0] (32-bit) and their bilinear weights times
+// the attention weight. A corner outside the map gets weight 0 and the offset
+// of a corner inside it, so every gather is in bounds and none branches; a
+// point that contributes nothing gets weight 0 and offset 0 throughout.
 template <typename acc_t>
 struct StagedTap {
   int32_t offset[4];
   acc_t weight[4];
 };
 
-// Taps staged per block and chunk: kStagedPerThread per thread.
+template <typename acc_t>
+__device__ __forceinline__ StagedTap<acc_t> staged_tap(bool valid, const BilinearCell<acc_t>& c, acc_t aw,
+                                                       int32_t level_first, int32_t W, int32_t row_stride) {
+  StagedTap<acc_t> t;
+  corner_weights(c.lx, c.ly, valid && c.in_x0, valid && c.in_x1, valid && c.in_y0, valid && c.in_y1, aw, t.weight);
+  // The first corner inside the map, then one pixel right and one row down
+  // where that column and row are inside too (else the same pixel again).
+  const int32_t xb = static_cast<int32_t>(c.in_x0 ? c.x0 : c.x0 + 1);
+  const int32_t yb = static_cast<int32_t>(c.in_y0 ? c.y0 : c.y0 + 1);
+  const int32_t first = valid ? (level_first + yb * W + xb) * row_stride : 0;
+  const int32_t dx = valid && c.in_x0 && c.in_x1 ? row_stride : 0;
+  const int32_t dy = valid && c.in_y0 && c.in_y1 ? W * row_stride : 0;
+  t.offset[0] = first;
+  t.offset[1] = first + dx;
+  t.offset[2] = first + dy;
+  t.offset[3] = first + dy + dx;
+  return t;
+}
+
+// Taps staged per block and chunk: kStagedPerThread per thread. They are kept
+// [group][point], each group's row padded by one tap: the thread that stages a
+// tap reads its group's locations and weights at consecutive addresses (one
+// coalesced load per warp, where a [point][group] order made each thread's
+// load a separate cache line), and the groups of a warp that read their taps
+// for one point hit different banks.
 constexpr int kStagedPerThread = 2;
-constexpr int kStagedSlots = kStagedPerThread * kBlockThreads;
+constexpr int kStagedSlots = kStagedPerThread * kBlockThreads + kBlockThreads;  // + one pad per group (G >= 1)
 
 template <typename T, int VEC>
 __device__ __forceinline__ void forward_staged(const ForwardArgs<T>& a) {
   using acc_t = acc_of<T>;
-  __shared__ StagedTap<acc_t> taps[kStagedSlots];  // [point in chunk][group in block]
+  __shared__ StagedTap<acc_t> taps[kStagedSlots];  // [group in block][point in chunk + 1 pad]
   __shared__ int64_t group_ids[kBlockThreads];     // the block's groups, -1 past the end
   const MsdaShape& s = a.shape;
   const int64_t S = s.num_keys, M = s.num_heads, D = s.channels, Lq = s.num_queries;
@@ -282,7 +322,9 @@ __device__ __forceinline__ void forward_staged(const ForwardArgs<T>& a) {
   const int G = 1 << a.log2_group;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int groups_per_block = kBlockThreads >> a.log2_group;
-  const int chunk = kStagedSlots / groups_per_block;  // points per staging round (2 G)
+  static_assert(kStagedPerThread == 2, "the staging below divides by chunk = 2 G with a shift");
+  const int chunk = kStagedPerThread << a.log2_group;  // points per staging round (2 G)
+  const int tap_row = chunk + 1;                       // taps per group in shared memory
   const int my_group = static_cast<int>(threadIdx.x) >> a.log2_group;
   const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * groups_per_block;
 
@@ -308,39 +350,29 @@ DDETR_UNROLL
 DDETR_UNROLL
       for (int r = 0; r < kStagedPerThread; ++r) {
         const int e = static_cast<int>(threadIdx.x) + r * kBlockThreads;
-        const int j = e / groups_per_block, g = e - j * groups_per_block;
+        const int g = e >> (a.log2_group + 1), j = e & (chunk - 1);  // consecutive threads: consecutive points of a group
         const int pt = p0 + j;
         const int64_t sgid = group_ids[g];
-        StagedTap<acc_t> tap;
-DDETR_UNROLL
-        for (int c = 0; c < 4; ++c) {
-          tap.offset[c] = 0;
-          tap.weight[c] = static_cast<acc_t>(0);
-        }
+        const int l = pt < LP ? pt / P : 0;
+        const int32_t W = static_cast<int32_t>(s.level_w[l]);
+        BilinearCell<acc_t> cell{};  // all zero: what an invalid point stages
+        bool valid = false;
+        acc_t aw = static_cast<acc_t>(0);
         if (sgid >= 0 && pt < LP) {
-          const int l = pt / P;
           acc_t x, y;
           // Locations and weights are read once: streaming loads leave the L2 to the value.
           load_xy<true>(a.loc + (sgid * LP + pt) * 2, a.loc_pairs, x, y);
-          BilinearTaps<acc_t> t;
-          if (bilinear_taps<acc_t>(x, y, s.level_h[l], s.level_w[l], t)) {
-            const acc_t aw = __ldcs(a.attn + sgid * LP + pt);
-            const int32_t level_first = static_cast<int32_t>(s.level_start[l]);
-DDETR_UNROLL
-            for (int c = 0; c < 4; ++c) {
-              tap.offset[c] = (level_first + static_cast<int32_t>(t.index[c])) * row_stride;
-              tap.weight[c] = aw * t.weight[c];
-            }
-          }
+          valid = bilinear_cell<acc_t>(x, y, s.level_h[l], W, cell);
+          if (valid) aw = __ldcs(a.attn + sgid * LP + pt);
         }
-        taps[e] = tap;
+        taps[g * tap_row + j] = staged_tap(valid, cell, aw, static_cast<int32_t>(s.level_start[l]), W, row_stride);
       }
       __syncthreads();
       const int points = chunk < LP - p0 ? chunk : LP - p0;
       if (active) {
 #pragma unroll 4
         for (int j = 0; j < points; ++j) {
-          const StagedTap<acc_t> tap = taps[j * groups_per_block + my_group];
+          const StagedTap<acc_t> tap = taps[my_group * tap_row + j];
           acc_t val[4][VEC];
 DDETR_UNROLL
           for (int c = 0; c < 4; ++c) load_vec<T, VEC>(head + tap.offset[c], val[c]);
@@ -409,15 +441,18 @@ DDETR_UNROLL
 }
 
 // __grid_constant__: the level tables are indexed at run time straight from
-// the parameter space, without a local-memory copy of the struct. `staged` is
-// uniform across the grid.
+// the parameter space, without a local-memory copy of the struct. The two
+// forward paths are separate kernels, so that each gets its own register
+// budget.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) msda_forward_kernel(const __grid_constant__ ForwardArgs<T> a) {
-  if (a.staged) {
-    forward_staged<T, VEC>(a);
-  } else {
-    forward_general<T, VEC>(a);
-  }
+  forward_general<T, VEC>(a);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlockThreads, kStagedMinBlocks<T>)
+    msda_staged_forward_kernel(const __grid_constant__ ForwardArgs<T> a) {
+  forward_staged<T, VEC>(a);
 }
 
 template <typename T, int VEC>
@@ -537,13 +572,16 @@ int log2_group_for(int64_t num_vec) {
 // Kernel arguments and vector width (pure host code, no CUDA calls).
 // The staged forward runs wherever it can: timed alone (CUDA graphs, H200) it
 // beat the general path at every size measured, from the decoder's 2,400
-// groups (6.8 against 18.5 us) to the encoder's 355k (237 against 464 us).
-// Task orders, measured the same way (scripts/bench_cuda_variants.py): the
-// forward is as fast or faster query-major at the model's shapes (encoder
-// queries on their pixels, 300 decoder queries; bf16 by 12 %), the backward
-// as fast or faster head-major (2-4 % at the encoder, 15 % at 8,100 random
-// queries), so those are the defaults.
-constexpr bool kDefaultHeadMajorForward = false;
+// groups (6.4 against 18.6 us) to the encoder's 355k (188 against 421 us).
+// Task orders, measured the same way (scripts/bench_cuda_variants.py): with
+// the staged forward's 6-block budget, head-major is the faster forward order
+// in float32 (encoder 800x1333 batch 2: 188 against 203 us; 235 against 278 us
+// with scattered points; 347 against 433 us at 8,100 decoder queries, batch
+// 8) and query-major in 16-bit types (165 against 172 us); the backward is as
+// fast or faster head-major (2-4 % at the encoder, 15 % at 8,100 random
+// queries). float64 keeps the orders it was tested with.
+template <typename T>
+constexpr bool kDefaultHeadMajorForward = std::is_same_v<T, float>;
 constexpr bool kDefaultHeadMajorBackward = true;
 
 template <typename acc_t>
@@ -553,7 +591,7 @@ bool pairs_aligned(const void* loc) {
 
 template <typename T>
 ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out, bool allow_staged = true,
-                            bool head_major = kDefaultHeadMajorForward) {
+                            bool head_major = kDefaultHeadMajorForward<T>) {
   const MsdaShape& s = p.shape;
   ForwardArgs<T> a;
   a.shape = s;
@@ -671,6 +709,12 @@ struct ForwardKernels {
   static constexpr const char* name = "msda_forward_kernel";
 };
 template <typename T>
+struct StagedForwardKernels {
+  template <int VEC>
+  static constexpr auto get() { return &msda_staged_forward_kernel<T, VEC>; }
+  static constexpr const char* name = "msda_staged_forward_kernel";
+};
+template <typename T>
 struct BackwardKernels {
   template <int VEC>
   static constexpr auto get() { return &msda_backward_kernel<T, VEC>; }
@@ -726,8 +770,9 @@ template <typename T>
 void forward_typed(const MsdaForwardParams& p) {
   const int path = env_choice("DDETR_CUDA_FORWARD", {"staged", "general"});
   int vec = 1;
-  const ForwardArgs<T> a = plan_forward<T>(p, &vec, path != 1, head_major_order(kDefaultHeadMajorForward));
+  const ForwardArgs<T> a = plan_forward<T>(p, &vec, path != 1, head_major_order(kDefaultHeadMajorForward<T>));
   if (a.num_groups == 0 || p.shape.channels == 0) return;
+  if (a.staged) return launch_planned<T, StagedForwardKernels<T>>(a, vec, p.device, p.stream);
   launch_planned<T, ForwardKernels<T>>(a, vec, p.device, p.stream);
 }
 

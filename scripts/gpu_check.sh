@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh build-test   # build with CUDA required (fresh build dir), then the CUDA tests
 #   bash scripts/gpu_check.sh verify       # compute-sanitizer memcheck over the CUDA tests (float64 reference,
 #                                          # half precision, partial warps, side stream, graph replay)
+#   bash scripts/gpu_check.sh variants     # the kernel variants alone (scripts/bench_cuda_variants.py)
 #   bash scripts/gpu_check.sh bench        # kernel variants (scripts/bench_cuda_variants.py), op fp32/bf16/fp16,
 #                                          # model vs transformers (800x1333, batch 1 and 8, fp32 and bf16), training step
 #   bash scripts/gpu_check.sh cpu          # the host CPU: cpu-check (its instruction sets, the CPU kernel tests on
@@ -95,9 +96,13 @@ verify() {
     -k "not model and not graph and not capture and not gradcheck"
 }
 
+variants() {
+  # Forward paths, tap layouts, register budgets and task orders side by side, kernel time only (CUDA graphs).
+  step variants 200 "$PY" scripts/bench_cuda_variants.py --json "$LOGS/variants.json"
+}
+
 bench() {
-  # Forward paths and task orders side by side, kernel time only (CUDA graphs).
-  step variants 150 "$PY" scripts/bench_cuda_variants.py --json "$LOGS/variants.json"
+  variants
   # Scattered reference points (no locality between neighbouring queries).
   step op_float32_random 120 ddetr bench --device cuda --case encoder-1333-random --batch-size 2 --warmup 3 --repeats 20 \
     --json "$LOGS/op_float32_random.json"
@@ -158,12 +163,13 @@ case "${1:-all}" in
   build-test) build_test ;;
   verify) verify ;;
   bench) bench ;;
+  variants) variants ;;
   cpu) cpu_check; cpu_scaling ;;
   cpu-check) cpu_check ;;
   cpu-scaling) cpu_scaling ;;
   profile) profile ;;
   all) build_test; verify; bench; cpu_check; cpu_scaling; profile ;;
-  *) echo "usage: $0 build-test|verify|bench|cpu|cpu-check|cpu-scaling|profile|all" >&2; exit 2 ;;
+  *) echo "usage: $0 build-test|verify|bench|variants|cpu|cpu-check|cpu-scaling|profile|all" >&2; exit 2 ;;
 esac
 
 if ((${#failed[@]})); then

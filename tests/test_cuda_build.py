@@ -253,6 +253,15 @@ template <typename T>
 int forward(const MsdaForwardParams& p, unsigned grid, bool staged, bool head_major) {
   int vec = 1;
   const ForwardArgs<T> a = plan_forward<T>(p, &vec, staged, head_major);
+  if (a.staged) {
+    switch (vec) {
+      case 8: if constexpr (sizeof(T) <= 2) run_grid(msda_staged_forward_kernel<T, 8>, a, grid); break;
+      case 4: if constexpr (sizeof(T) <= 4) run_grid(msda_staged_forward_kernel<T, 4>, a, grid); break;
+      case 2: run_grid(msda_staged_forward_kernel<T, 2>, a, grid); break;
+      default: run_grid(msda_staged_forward_kernel<T, 1>, a, grid); break;
+    }
+    return vec;
+  }
   switch (vec) {
     case 8: if constexpr (sizeof(T) <= 2) run_grid(msda_forward_kernel<T, 8>, a, grid); break;
     case 4: if constexpr (sizeof(T) <= 4) run_grid(msda_forward_kernel<T, 4>, a, grid); break;
