@@ -97,7 +97,7 @@ verify() {
 }
 
 variants() {
-  # Forward paths, tap layouts, register budgets and task orders side by side, kernel time only (CUDA graphs).
+  # Forward paths and task orders side by side, kernel time only (CUDA graphs).
   step variants 200 "$PY" scripts/bench_cuda_variants.py --json "$LOGS/variants.json"
 }
 

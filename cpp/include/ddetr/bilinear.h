@@ -31,8 +31,7 @@ struct BilinearTaps {
 
 // The cell a location falls in: its top-left corner (x0, y0), the fraction
 // (lx, ly) of the way to the next pixel, and which of its rows and columns lie
-// inside the map. Returns false when the location contributes nothing (outside
-// the map, or not finite); the cell is then not filled. H, W >= 1.
+// inside the map.
 template <typename acc_t>
 struct BilinearCell {
   int64_t x0, y0;  // in [-1, W - 1] x [-1, H - 1]
@@ -40,6 +39,8 @@ struct BilinearCell {
   bool in_x0, in_x1, in_y0, in_y1;  // column x0 / x0 + 1, row y0 / y0 + 1 inside the map
 };
 
+// Fills `c` for a location; returns false when the location contributes
+// nothing (outside the map, or not finite), and `c` is then not filled. H, W >= 1.
 template <typename acc_t>
 DDETR_HOST_DEVICE_INLINE bool bilinear_cell(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W, BilinearCell<acc_t>& c) {
   const acc_t x = loc_x * static_cast<acc_t>(W) - static_cast<acc_t>(0.5);
@@ -63,7 +64,8 @@ DDETR_HOST_DEVICE_INLINE bool bilinear_cell(acc_t loc_x, acc_t loc_y, int64_t H,
 
 // Bilinear weights of the corners (y0, x0), (y0, x1), (y1, x0), (y1, x1) of a
 // cell, each times `scale`; 0 for a corner outside the map. One formula for
-// every kernel, so all of them round alike.
+// every kernel (bilinear_taps too, with scale 1), so all of them round alike:
+// a kernel that folds the attention weight in gets a * (hy * hx) either way.
 template <typename acc_t>
 DDETR_HOST_DEVICE_INLINE void corner_weights(acc_t lx, acc_t ly, bool in_x0, bool in_x1, bool in_y0, bool in_y1,
                                              acc_t scale, acc_t (&w)[4]) {
@@ -86,14 +88,13 @@ DDETR_HOST_DEVICE_INLINE bool bilinear_taps(acc_t loc_x, acc_t loc_y, int64_t H,
   const acc_t hx = static_cast<acc_t>(1) - lx, hy = static_cast<acc_t>(1) - ly;
   const bool in[4] = {c.in_y0 && c.in_x0, c.in_y0 && c.in_x1, c.in_y1 && c.in_x0, c.in_y1 && c.in_x1};
   const int64_t idx[4] = {y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1};
-  const acc_t w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
   const acc_t dwx[4] = {-hy, hy, -ly, ly};
   const acc_t dwy[4] = {-hx, -lx, hx, lx};
+  corner_weights(lx, ly, c.in_x0, c.in_x1, c.in_y0, c.in_y1, static_cast<acc_t>(1), t.weight);  // 1 * w: exact
   t.inside = 0u;
 DDETR_UNROLL
   for (int k = 0; k < 4; ++k) {
     t.index[k] = in[k] ? idx[k] : 0;
-    t.weight[k] = in[k] ? w[k] : static_cast<acc_t>(0);
     t.dweight_dx[k] = in[k] ? dwx[k] : static_cast<acc_t>(0);
     t.dweight_dy[k] = in[k] ? dwy[k] : static_cast<acc_t>(0);
     t.inside |= in[k] ? (1u << k) : 0u;
