@@ -642,6 +642,44 @@ BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out, bool he
   return a;
 }
 
+// The kernel families, by vector width, for with_kernel.
+template <typename T>
+struct ForwardKernels {
+  template <int VEC>
+  static constexpr auto get() { return &msda_forward_kernel<T, VEC>; }
+  static constexpr const char* name = "msda_forward_kernel";
+};
+template <typename T>
+struct StagedForwardKernels {
+  template <int VEC>
+  static constexpr auto get() { return &msda_staged_forward_kernel<T, VEC>; }
+  static constexpr const char* name = "msda_staged_forward_kernel";
+};
+template <typename T>
+struct BackwardKernels {
+  template <int VEC>
+  static constexpr auto get() { return &msda_backward_kernel<T, VEC>; }
+  static constexpr const char* name = "msda_backward_kernel";
+};
+
+// The one switch over vector widths: calls run(Kernels::get<vec>()), the
+// kernel of the planned width (the launcher below, and the host emulation).
+template <typename T, typename Kernels, typename Run>
+void with_kernel(int vec, Run&& run) {
+  switch (vec) {
+    case 8:
+      if constexpr (sizeof(T) <= 2) return run(Kernels::template get<8>());
+      break;
+    case 4:
+      if constexpr (sizeof(T) <= 4) return run(Kernels::template get<4>());
+      break;
+    case 2: return run(Kernels::template get<2>());
+    case 1: return run(Kernels::template get<1>());
+    default: break;
+  }
+  throw std::logic_error(std::string("ddetr CUDA: ") + Kernels::name + ": no kernel for vector width " + std::to_string(vec));
+}
+
 // A host-only test harness (tests/test_cuda_build.py) compiles everything
 // above with DDETR_MSDA_CUDA_NO_LAUNCH defined and runs the kernels on emulated
 // warps; what follows talks to the CUDA runtime.
@@ -701,45 +739,14 @@ void launch(K kernel, const Args& a, unsigned grid, cudaStream_t stream, const c
   if (err != cudaSuccess) cuda_check(err, (std::string("launch of ") + name).c_str());
 }
 
-// The kernel families, by vector width, for launch_planned.
-template <typename T>
-struct ForwardKernels {
-  template <int VEC>
-  static constexpr auto get() { return &msda_forward_kernel<T, VEC>; }
-  static constexpr const char* name = "msda_forward_kernel";
-};
-template <typename T>
-struct StagedForwardKernels {
-  template <int VEC>
-  static constexpr auto get() { return &msda_staged_forward_kernel<T, VEC>; }
-  static constexpr const char* name = "msda_staged_forward_kernel";
-};
-template <typename T>
-struct BackwardKernels {
-  template <int VEC>
-  static constexpr auto get() { return &msda_backward_kernel<T, VEC>; }
-  static constexpr const char* name = "msda_backward_kernel";
-};
-
-// The one switch over vector widths: launches Kernels::get<vec>() with the
+// Launches the planned width's kernel of the family (with_kernel) with the
 // planned arguments on the caller's device and stream.
 template <typename T, typename Kernels, typename Args>
 void launch_planned(const Args& a, int vec, int device, void* stream) {
   DeviceGuard guard(device);
   const unsigned grid = grid_for(a.num_groups, a.log2_group, device);
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (vec) {
-    case 8:
-      if constexpr (sizeof(T) <= 2) return launch(Kernels::template get<8>(), a, grid, s, Kernels::name);
-      break;
-    case 4:
-      if constexpr (sizeof(T) <= 4) return launch(Kernels::template get<4>(), a, grid, s, Kernels::name);
-      break;
-    case 2: return launch(Kernels::template get<2>(), a, grid, s, Kernels::name);
-    case 1: return launch(Kernels::template get<1>(), a, grid, s, Kernels::name);
-    default: break;
-  }
-  throw std::logic_error(std::string("ddetr CUDA: ") + Kernels::name + ": no kernel for vector width " + std::to_string(vec));
+  with_kernel<T, Kernels>(vec, [&](auto kernel) { launch(kernel, a, grid, s, Kernels::name); });
 }
 
 // Developer switches, read at every call, to compare the variants on one GPU

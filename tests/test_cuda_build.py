@@ -249,24 +249,19 @@ void run_grid(K kernel, const A& a, unsigned grid) {
   }
 }
 
+template <typename T, typename Kernels, typename A>
+void run_planned(const A& a, int vec, unsigned grid) {
+  with_kernel<T, Kernels>(vec, [&](auto kernel) { run_grid(kernel, a, grid); });
+}
+
 template <typename T>
 int forward(const MsdaForwardParams& p, unsigned grid, bool staged, bool head_major) {
   int vec = 1;
   const ForwardArgs<T> a = plan_forward<T>(p, &vec, staged, head_major);
   if (a.staged) {
-    switch (vec) {
-      case 8: if constexpr (sizeof(T) <= 2) run_grid(msda_staged_forward_kernel<T, 8>, a, grid); break;
-      case 4: if constexpr (sizeof(T) <= 4) run_grid(msda_staged_forward_kernel<T, 4>, a, grid); break;
-      case 2: run_grid(msda_staged_forward_kernel<T, 2>, a, grid); break;
-      default: run_grid(msda_staged_forward_kernel<T, 1>, a, grid); break;
-    }
-    return vec;
-  }
-  switch (vec) {
-    case 8: if constexpr (sizeof(T) <= 2) run_grid(msda_forward_kernel<T, 8>, a, grid); break;
-    case 4: if constexpr (sizeof(T) <= 4) run_grid(msda_forward_kernel<T, 4>, a, grid); break;
-    case 2: run_grid(msda_forward_kernel<T, 2>, a, grid); break;
-    default: run_grid(msda_forward_kernel<T, 1>, a, grid); break;
+    run_planned<T, StagedForwardKernels<T>>(a, vec, grid);
+  } else {
+    run_planned<T, ForwardKernels<T>>(a, vec, grid);
   }
   return vec;
 }
@@ -275,12 +270,7 @@ template <typename T>
 int backward(const MsdaBackwardParams& p, unsigned grid, bool head_major) {
   int vec = 1;
   const BackwardArgs<T> a = plan_backward<T>(p, &vec, head_major);
-  switch (vec) {
-    case 8: if constexpr (sizeof(T) <= 2) run_grid(msda_backward_kernel<T, 8>, a, grid); break;
-    case 4: if constexpr (sizeof(T) <= 4) run_grid(msda_backward_kernel<T, 4>, a, grid); break;
-    case 2: run_grid(msda_backward_kernel<T, 2>, a, grid); break;
-    default: run_grid(msda_backward_kernel<T, 1>, a, grid); break;
-  }
+  run_planned<T, BackwardKernels<T>>(a, vec, grid);
   return vec;
 }
 
