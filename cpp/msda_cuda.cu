@@ -16,8 +16,15 @@
 // writes its slice of the output once (the output is not zero-filled).
 //
 // Backward: per point, each thread adds attn * w_c * g to grad_value with
-// atomics (float4 / float2 vector atomics on sm_90+, scalar otherwise) and
-// forms partial dot products for grad_attn / grad_loc; the G partials are
+// atomics and forms partial dot products for grad_attn / grad_loc. The
+// atomics need not follow the lanes' channel vectors, since attn * w_c is the
+// same for the whole group: each lane adds the channels it owns in the
+// atomic layout, chunks of kAtomicWidth elements dealt to the lanes in turn
+// (float4 / float2 vector atomics on sm_90+ with CUDA 12.1+: the lane's own
+// vector; scalar atomics otherwise: lane i adds channels i, i + G, ...), so
+// one atomic instruction of a group covers consecutive addresses, the fewest
+// L2 sectors, where scalar atomics over each lane's own vector stride by the
+// vector's width (4 floats: 4x the sectors). The G partials are
 // summed with __shfl_xor_sync butterflies, in which every lane of the warp
 // takes part (lanes without channels, or without a live group, add zero), and
 // lane 0 of the group writes grad_attn / grad_loc, zero for a point that
@@ -202,6 +209,22 @@ DDETR_UNROLL
   for (int k = 0; k < VEC; ++k) atomicAdd(p + k, v[k]);  // native on sm_60+
 }
 
+// Elements per atomic in the backward's atomic layout (see the top of this
+// file): the lane's whole vector where one vector atomic adds it, else 1.
+// Measured with compute_80 code JIT-compiled on an H200 (kernel time of
+// forward + backward, 800x1333 batch-2 encoder, float32): 1947 us in this
+// layout against 3987 us with scalar atomics over each lane's own vector
+// (DDETR_CUDA_ATOMICS=strided), 2931 against 5261 us at 8,100 decoder queries,
+// batch 8; the sm_90 build's float4 atomics: 1271 us. The layout takes 110
+// registers there; a 3-block budget (85) was slower (2007 us).
+#if defined(DDETR_HAVE_VECTOR_ATOMICS)
+template <typename acc_t, int VEC>
+constexpr int kAtomicWidth = std::is_same_v<acc_t, float> && VEC <= 4 ? VEC : 1;
+#else
+template <typename acc_t, int VEC>
+constexpr int kAtomicWidth = 1;
+#endif
+
 // -------------------------------------------------------------------- kernels
 
 template <typename T>
@@ -233,6 +256,7 @@ struct BackwardArgs {
   int64_t num_vec;
   int log2_group;
   bool vec_atomics;  // grad_value is aligned for the vector atomics
+  bool strided_atomics;  // developer switch: scalar atomics over each lane's own vector (the old layout)
   bool head_major;   // task order (see the top of this file)
   bool loc_pairs;    // loc is aligned for (x, y) pair loads
 };
@@ -458,6 +482,9 @@ __global__ void __launch_bounds__(kBlockThreads, kStagedMinBlocks<T>)
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBlockThreads, kBackwardMinBlocks) msda_backward_kernel(const __grid_constant__ BackwardArgs<T> a) {
   using acc_t = acc_of<T>;
+  // The atomic layout (see the top of this file): kChunks chunks of A elements per lane.
+  constexpr int A = kAtomicWidth<acc_t, VEC>;
+  constexpr int kChunks = VEC / A;
   const MsdaShape& s = a.shape;
   const int64_t S = s.num_keys, M = s.num_heads, D = s.channels, Lq = s.num_queries;
   const int64_t L = s.num_levels, P = s.num_points, LP = L * P;
@@ -469,6 +496,8 @@ __global__ void __launch_bounds__(kBlockThreads, kBackwardMinBlocks) msda_backwa
   const int64_t my_group = threadIdx.x >> a.log2_group;                       // within the block
   const int64_t warp_first_group = (threadIdx.x & ~(kWarpSize - 1)) >> a.log2_group;
   const bool single_chunk = a.num_vec <= G;  // then grad_output is loaded once per (n, q, m)
+  // The lane's own layout when one atomic adds its vector (or the switch asks for it).
+  const bool own_layout = A == VEC || a.strided_atomics;
 
   // Every loop bound below is uniform across the warp (base is uniform across
   // the block), so all 32 lanes reach each __shfl_xor_sync together.
@@ -485,10 +514,28 @@ __global__ void __launch_bounds__(kBlockThreads, kBackwardMinBlocks) msda_backwa
     const acc_t* loc = a.loc + gid * LP * 2;
     const acc_t* attn = a.attn + gid * LP;
 
-    acc_t g[VEC];
+    // grad_output of the group's span of G vectors from vector `span` on:
+    // g in the lane's own layout (for the dot products), g_at in the atomic
+    // layout (channel span * VEC + (c * G + lane) * A + j holds g_at[c * A + j]).
+    acc_t g[VEC], g_at[VEC];
+    auto load_grad_out = [&](int64_t span) {
 DDETR_UNROLL
-    for (int k = 0; k < VEC; ++k) g[k] = static_cast<acc_t>(0);
-    if (active && single_chunk && lane < a.num_vec) load_vec<T, VEC>(go + lane * VEC, g);
+      for (int k = 0; k < VEC; ++k) g[k] = g_at[k] = static_cast<acc_t>(0);
+      if (span + lane < a.num_vec) load_vec<T, VEC>(go + (span + lane) * VEC, g);
+      if constexpr (A < VEC) {
+        if (own_layout) return;
+DDETR_UNROLL
+        for (int c = 0; c < kChunks; ++c) {
+          const int64_t ch = span * VEC + static_cast<int64_t>(c * G + lane) * A;
+          if (ch >= D) continue;  // D is a multiple of VEC: a chunk is all in or all out
+          acc_t part[A];
+          load_vec<T, A>(go + ch, part);
+DDETR_UNROLL
+          for (int j = 0; j < A; ++j) g_at[c * A + j] = part[j];
+        }
+      }
+    };
+    if (active && single_chunk) load_grad_out(0);
 
     for (int64_t l = 0; l < L; ++l) {
       const int64_t H = s.level_h[l], W = s.level_w[l];
@@ -504,24 +551,40 @@ DDETR_UNROLL
           valid = bilinear_taps<acc_t>(x, y, H, W, t);
           if (valid) {
             aw = __ldg(attn + pt);
-            for (int64_t v = lane; v < a.num_vec; v += G) {
-              const int64_t ch = v * VEC;
-              if (!single_chunk) load_vec<T, VEC>(go + ch, g);
+            for (int64_t span = 0; span < a.num_vec; span += G) {  // uniform across the group
+              if (!single_chunk) load_grad_out(span);
+              const int64_t ch = (span + lane) * VEC;
+              const bool has_vec = span + lane < a.num_vec;
 DDETR_UNROLL
               for (int c = 0; c < 4; ++c) {
                 if (!((t.inside >> c) & 1u)) continue;
-                const int64_t off = level_off + t.index[c] * row_stride + ch;
-                acc_t val[VEC];
-                load_vec<T, VEC>(a.value + off, val);
+                const int64_t pixel = level_off + t.index[c] * row_stride;  // [n, pixel, m, 0]
                 const acc_t aw_c = aw * t.weight[c];
                 acc_t dot = 0;
-                acc_t gv[VEC];
+                if (has_vec) {
+                  acc_t val[VEC];
+                  load_vec<T, VEC>(a.value + pixel + ch, val);
 DDETR_UNROLL
-                for (int k = 0; k < VEC; ++k) {
-                  dot += g[k] * val[k];
-                  gv[k] = aw_c * g[k];
+                  for (int k = 0; k < VEC; ++k) dot += g[k] * val[k];
                 }
-                if (a.grad_value != nullptr) atomic_add_vec<VEC>(a.grad_value + off, gv, a.vec_atomics);
+                if (a.grad_value != nullptr) {
+                  acc_t gv[VEC];
+DDETR_UNROLL
+                  for (int k = 0; k < VEC; ++k) gv[k] = aw_c * (own_layout ? g[k] : g_at[k]);
+                  if (own_layout) {
+                    if (has_vec) atomic_add_vec<VEC>(a.grad_value + pixel + ch, gv, a.vec_atomics);
+                  } else if constexpr (A < VEC) {
+DDETR_UNROLL
+                    for (int c2 = 0; c2 < kChunks; ++c2) {
+                      const int64_t ch_at = span * VEC + static_cast<int64_t>(c2 * G + lane) * A;
+                      if (ch_at >= D) continue;
+                      acc_t part[A];
+DDETR_UNROLL
+                      for (int j = 0; j < A; ++j) part[j] = gv[c2 * A + j];
+                      atomic_add_vec<A>(a.grad_value + pixel + ch_at, part, a.vec_atomics);
+                    }
+                  }
+                }
                 ga += t.weight[c] * dot;
                 gx += t.dweight_dx[c] * dot;
                 gy += t.dweight_dy[c] * dot;
@@ -614,7 +677,8 @@ ForwardArgs<T> plan_forward(const MsdaForwardParams& p, int* vec_out, bool allow
 }
 
 template <typename T>
-BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out, bool head_major = kDefaultHeadMajorBackward) {
+BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out, bool head_major = kDefaultHeadMajorBackward,
+                              bool strided_atomics = false) {
   const MsdaShape& s = p.shape;
   BackwardArgs<T> a;
   a.shape = s;
@@ -636,6 +700,7 @@ BackwardArgs<T> plan_backward(const MsdaBackwardParams& p, int* vec_out, bool he
   // multiples of that width, so the base pointer must be aligned to it.
   const size_t atomic_bytes = static_cast<size_t>(std::min(vec, 4)) * sizeof(acc_of<T>);
   a.vec_atomics = reinterpret_cast<uintptr_t>(p.grad_value) % atomic_bytes == 0;
+  a.strided_atomics = strided_atomics;
   a.head_major = head_major;
   a.loc_pairs = pairs_aligned<acc_of<T>>(p.sampling_loc);
   *vec_out = vec;
@@ -753,8 +818,9 @@ void launch_planned(const Args& a, int vec, int device, void* stream) {
 // (scripts/bench_cuda_variants.py): DDETR_CUDA_FORWARD=general forces the
 // general forward path (staged, the default, runs where it can: one vector
 // per lane, 32-bit offsets), DDETR_CUDA_ORDER=query|head the task order of
-// both kernels. Unset or "auto": the defaults. Returns the index of the value
-// in `choices`, -1 for the default.
+// both kernels, DDETR_CUDA_ATOMICS=strided the backward's scalar atomics over
+// each lane's own vector instead of the atomic layout. Unset or "auto": the
+// defaults. Returns the index of the value in `choices`, -1 for the default.
 int env_choice(const char* name, std::initializer_list<const char*> choices) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return -1;
@@ -786,7 +852,8 @@ void forward_typed(const MsdaForwardParams& p) {
 template <typename T>
 void backward_typed(const MsdaBackwardParams& p) {
   int vec = 1;
-  const BackwardArgs<T> a = plan_backward<T>(p, &vec, head_major_order(kDefaultHeadMajorBackward));
+  const bool strided = env_choice("DDETR_CUDA_ATOMICS", {"layout", "strided"}) == 1;
+  const BackwardArgs<T> a = plan_backward<T>(p, &vec, head_major_order(kDefaultHeadMajorBackward), strided);
   if (a.num_groups == 0 || p.shape.channels == 0) return;
   launch_planned<T, BackwardKernels<T>>(a, vec, p.device, p.stream);
 }

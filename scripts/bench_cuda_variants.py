@@ -9,7 +9,11 @@ kDefaultHeadMajorForward / Backward) rest on measurements.
 Each variant is captured in a CUDA graph of 10 calls (no Python or launch
 overhead in the figure) and replayed; the table gives the median per call of
 20 replays, in microseconds, with the variant chosen through the developer
-switches DDETR_CUDA_FORWARD and DDETR_CUDA_ORDER.
+switches DDETR_CUDA_FORWARD, DDETR_CUDA_ORDER and DDETR_CUDA_ATOMICS
+(fwd_bwd_head_strided: the backward's scalar atomics over each lane's own
+vector, the layout before the atomic layout; the same kernel code where one
+vector atomic adds a lane's vector, i.e. float32 / bfloat16 built for sm_90).
+``--backward-only`` leaves out the forward variants.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--backward-only", action="store_true", help="time forward+backward only")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
@@ -62,7 +67,7 @@ def main() -> None:
                for q, b in ((300, 1), (300, 8), (900, 8), (2700, 8), (8100, 8))]
     rows = []
     for case, batch in shapes:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             value, spatial, start, loc, attn = make_inputs(case, batch, dtype, device)
             groups = loc.shape[0] * loc.shape[1] * loc.shape[2]
             grad = torch.randn(*loc.shape[:2], value.shape[2] * value.shape[3], device=device, dtype=dtype)
@@ -78,15 +83,16 @@ def main() -> None:
                 torch.autograd.grad(out, (v, lo, at), grad)
 
             row = {"case": case.name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "groups": groups}
-            for forward in ("staged", "general"):
+            for forward in () if args.backward_only else ("staged", "general"):
                 for order in ("query", "head"):
                     os.environ["DDETR_CUDA_FORWARD"], os.environ["DDETR_CUDA_ORDER"] = forward, order
                     row[f"fwd_{forward}_{order}_us"] = graph_time_us(fwd)
-            for order in ("query", "head"):
+            for order, atomics in (("query", "auto"), ("head", "auto"), ("head", "strided")):
                 os.environ["DDETR_CUDA_FORWARD"], os.environ["DDETR_CUDA_ORDER"] = "auto", order
-                row[f"fwd_bwd_{order}_us"] = graph_time_us(fwd_bwd)
-            os.environ.pop("DDETR_CUDA_FORWARD")
-            os.environ.pop("DDETR_CUDA_ORDER")
+                os.environ["DDETR_CUDA_ATOMICS"] = atomics
+                row[f"fwd_bwd_{order}{'_strided' if atomics == 'strided' else ''}_us"] = graph_time_us(fwd_bwd)
+            for name in ("DDETR_CUDA_FORWARD", "DDETR_CUDA_ORDER", "DDETR_CUDA_ATOMICS"):
+                os.environ.pop(name)
             rows.append(row)
             cells = " ".join(f"{k[:-3]}={row[k]:.1f}" for k in row if k.endswith("_us"))
             print(f"{case.name:32s} b{batch} {row['dtype']:8s} groups={groups:7d} {cells}", flush=True)

@@ -9,7 +9,9 @@
    thread, __shfl_xor_sync through a per-warp barrier that also checks that all
    32 lanes take part) and are compared with the float64 PyTorch reference, for
    every dtype and vector width, odd channel counts, partly filled warps,
-   grid-stride loops, misaligned pointers and non-finite locations.
+   grid-stride loops, misaligned pointers and non-finite locations. Without
+   __CUDA_ARCH__ the backward takes the pre-sm_90 atomics (scalar, in the
+   atomic layout); the developer switch's strided atomics run on a few cases.
 
 Both are skipped when nvcc is not on PATH.
 """
@@ -267,9 +269,9 @@ int forward(const MsdaForwardParams& p, unsigned grid, bool staged, bool head_ma
 }
 
 template <typename T>
-int backward(const MsdaBackwardParams& p, unsigned grid, bool head_major) {
+int backward(const MsdaBackwardParams& p, unsigned grid, bool head_major, bool strided) {
   int vec = 1;
-  const BackwardArgs<T> a = plan_backward<T>(p, &vec, head_major);
+  const BackwardArgs<T> a = plan_backward<T>(p, &vec, head_major, strided);
   run_planned<T, BackwardKernels<T>>(a, vec, grid);
   return vec;
 }
@@ -312,7 +314,7 @@ extern "C" int emu_forward(int dtype, const int64_t* sizes, const int64_t* hw, c
 
 extern "C" int emu_backward(int dtype, const int64_t* sizes, const int64_t* hw, const void* value,
                             const void* loc, const void* attn, const void* grad_out, void* grad_value,
-                            void* grad_loc, void* grad_attn, unsigned grid, int head_major) {
+                            void* grad_loc, void* grad_attn, unsigned grid, int head_major, int strided) {
   using namespace ddetr;
   MsdaBackwardParams p;
   p.shape = make_shape(sizes, hw);
@@ -320,10 +322,10 @@ extern "C" int emu_backward(int dtype, const int64_t* sizes, const int64_t* hw, 
   p.grad_value = grad_value; p.grad_loc = grad_loc; p.grad_attn = grad_attn;
   int vec = 0;
   switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32: vec = backward<float>(p, grid, head_major != 0); break;
-    case DType::kFloat64: vec = backward<double>(p, grid, head_major != 0); break;
-    case DType::kBFloat16: vec = backward<__nv_bfloat16>(p, grid, head_major != 0); break;
-    case DType::kFloat16: vec = backward<__half>(p, grid, head_major != 0); break;
+    case DType::kFloat32: vec = backward<float>(p, grid, head_major != 0, strided != 0); break;
+    case DType::kFloat64: vec = backward<double>(p, grid, head_major != 0, strided != 0); break;
+    case DType::kBFloat16: vec = backward<__nv_bfloat16>(p, grid, head_major != 0, strided != 0); break;
+    case DType::kFloat16: vec = backward<__half>(p, grid, head_major != 0, strided != 0); break;
   }
   return emu::errors ? -1 : (emu::misaligned ? -2 : vec);
 }
@@ -353,7 +355,8 @@ _EMU_CHECK = textwrap.dedent(
         view.copy_(t)
         return view
 
-    def case(dtype, N, Lq, M, D, shapes, P, grid, misalign=0, special=False, seed=0, loc_misalign=0, orders=(0, 1)):
+    def case(dtype, N, Lq, M, D, shapes, P, grid, misalign=0, special=False, seed=0, loc_misalign=0, orders=(0, 1),
+             strided=(0,)):
         g = torch.Generator().manual_seed(seed)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         L, S = len(shapes), sum(h * w for h, w in shapes)
@@ -385,15 +388,17 @@ _EMU_CHECK = textwrap.dedent(
                 vecs.add(lib.emu_forward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(out),
                                          ctypes.c_uint(grid), staged, head_major))
                 check(f"output (staged={staged}, head_major={head_major})", out, ref.detach())
-            gv = placed(torch.zeros(N, S, M, D, dtype=acc), misalign)
-            gl = torch.full(loc.shape, float("nan"), dtype=acc)
-            ga = torch.full(attn.shape, float("nan"), dtype=acc)
-            vec_b = lib.emu_backward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(grad_k),
-                                     ptr(gv), ptr(gl), ptr(ga), ctypes.c_uint(grid), head_major)
-            assert vec_b != -2, "a vector access was not aligned to its width"
-            assert vec_b > 0, "a warp did not shuffle with all 32 lanes"
-            for name, got, want in (("grad_value", gv, v.grad), ("grad_attn", ga, a.grad), ("grad_loc", gl, l.grad)):
-                check(f"{name} (head_major={head_major})", got, want)
+            # The backward's atomics in the atomic layout, and (strided=1) over each lane's own vector.
+            for s_mode in strided:
+                gv = placed(torch.zeros(N, S, M, D, dtype=acc), misalign)
+                gl = torch.full(loc.shape, float("nan"), dtype=acc)
+                ga = torch.full(attn.shape, float("nan"), dtype=acc)
+                vec_b = lib.emu_backward(CODES[dtype], sizes, hw, ptr(value_k), ptr(loc), ptr(attn), ptr(grad_k),
+                                         ptr(gv), ptr(gl), ptr(ga), ctypes.c_uint(grid), head_major, s_mode)
+                assert vec_b != -2, "a vector access was not aligned to its width"
+                assert vec_b > 0, "a warp did not shuffle with all 32 lanes"
+                for name, got, want in (("grad_value", gv, v.grad), ("grad_attn", ga, a.grad), ("grad_loc", gl, l.grad)):
+                    check(f"{name} (head_major={head_major}, strided={s_mode})", got, want)
         assert -2 not in vecs, "a vector access was not aligned to its width"
         assert len(vecs) == 1 and min(vecs) > 0, f"warp errors or differing vector widths: {vecs}"
         return vecs.pop()
@@ -408,10 +413,11 @@ _EMU_CHECK = textwrap.dedent(
                 widths.add((str(dtype), case(dtype, N, Lq, M, D, shapes, P=3, grid=1 + D % 3, orders=orders)))
     odd = [(3, 4), (2, 5)]
     case(torch.float32, 3, 7, 5, 4, odd, P=2, grid=1, misalign=1)
-    case(torch.float32, 3, 7, 5, 8, odd, P=2, grid=2, misalign=2, special=True)
+    case(torch.float32, 3, 7, 5, 8, odd, P=2, grid=2, misalign=2, special=True, strided=(0, 1))
     case(torch.float16, 3, 7, 5, 16, odd, P=2, grid=2, misalign=4, special=True)
-    case(torch.bfloat16, 2, 9, 4, 16, odd, P=2, grid=1, misalign=2, special=True)
-    case(torch.float64, 2, 9, 4, 6, odd, P=2, grid=3, misalign=1, special=True, loc_misalign=1)
+    case(torch.bfloat16, 2, 9, 4, 16, odd, P=2, grid=1, misalign=2, special=True, strided=(0, 1))
+    case(torch.float64, 2, 9, 4, 6, odd, P=2, grid=3, misalign=1, special=True, loc_misalign=1, strided=(0, 1))
+    case(torch.float32, 2, 5, 3, 24, odd, P=2, grid=1, strided=(0, 1))  # D / 4 = 6 vectors on 8 lanes
     case(torch.float32, 2, 9, 4, 8, odd, P=2, grid=2, special=True, loc_misalign=1)
     case(torch.float32, 1, 40, 8, 32, [(5, 6), (3, 3), (2, 1), (1, 1)], P=4, grid=1, special=True)
     case(torch.float32, 2, 3, 2, 1100, odd, P=2, grid=1, special=True)

@@ -70,9 +70,12 @@ def make_inputs(case: OpCase, batch: int, dtype: torch.dtype, device: torch.devi
     else:
         ref = torch.rand(batch, Lq, 1, 1, 1, 2, generator=g)
     offsets = torch.randn(batch, Lq, M_HEADS, N_LEVELS, N_POINTS, 2, generator=g) * 0.02
-    loc = (ref + offsets).to(device)  # float32 always: locations keep full precision
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # the op's accumulation dtype
+    loc = (ref + offsets).to(device, acc)  # float32 for 16-bit values: locations keep full precision
     attn = torch.randn(batch, Lq, M_HEADS, N_LEVELS * N_POINTS, generator=g).softmax(-1)
-    attn = attn.view(batch, Lq, M_HEADS, N_LEVELS, N_POINTS).to(device, dtype)
+    # Weights in that dtype too, as the model passes them: a 16-bit copy would
+    # only add casts to and from float32 around each call.
+    attn = attn.view(batch, Lq, M_HEADS, N_LEVELS, N_POINTS).to(device, acc)
     return value, spatial, start, loc, attn
 
 
