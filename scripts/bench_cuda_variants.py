@@ -12,7 +12,8 @@ overhead in the figure) and replayed; the table gives the median per call of
 switches DDETR_CUDA_FORWARD, DDETR_CUDA_ORDER and DDETR_CUDA_ATOMICS
 (fwd_bwd_head_strided: the backward's scalar atomics over each lane's own
 vector, the layout before the atomic layout; the same kernel code where one
-vector atomic adds a lane's vector, i.e. float32 / bfloat16 built for sm_90).
+vector atomic adds a lane's vector, i.e. float32 and 16-bit types built for
+sm_90).
 ``--backward-only`` leaves out the forward variants.
 """
 
