@@ -518,6 +518,9 @@ __global__ void __launch_bounds__(kBlockThreads, kBackwardMinBlocks) msda_backwa
     // g in the lane's own layout (for the dot products), g_at in the atomic
     // layout (channel span * VEC + (c * G + lane) * A + j holds g_at[c * A + j]).
     acc_t g[VEC], g_at[VEC];
+    // First channel of chunk c of the lane in the atomic layout (D is a
+    // multiple of VEC: a chunk is all in or all out).
+    auto atomic_channel = [&](int64_t span, int c) { return span * VEC + static_cast<int64_t>(c * G + lane) * A; };
     auto load_grad_out = [&](int64_t span) {
 DDETR_UNROLL
       for (int k = 0; k < VEC; ++k) g[k] = g_at[k] = static_cast<acc_t>(0);
@@ -526,8 +529,8 @@ DDETR_UNROLL
         if (own_layout) return;
 DDETR_UNROLL
         for (int c = 0; c < kChunks; ++c) {
-          const int64_t ch = span * VEC + static_cast<int64_t>(c * G + lane) * A;
-          if (ch >= D) continue;  // D is a multiple of VEC: a chunk is all in or all out
+          const int64_t ch = atomic_channel(span, c);
+          if (ch >= D) continue;
           acc_t part[A];
           load_vec<T, A>(go + ch, part);
 DDETR_UNROLL
@@ -576,7 +579,7 @@ DDETR_UNROLL
                   } else if constexpr (A < VEC) {
 DDETR_UNROLL
                     for (int c2 = 0; c2 < kChunks; ++c2) {
-                      const int64_t ch_at = span * VEC + static_cast<int64_t>(c2 * G + lane) * A;
+                      const int64_t ch_at = atomic_channel(span, c2);
                       if (ch_at >= D) continue;
                       acc_t part[A];
 DDETR_UNROLL
