@@ -1,6 +1,7 @@
 """ms per training step of the `shapes` recipe under its training options,
 measured side by side: the previous recipe's frozen stem/layer1, this recipe's
-from-scratch backbone, and that with --hybrid. Each configuration runs the same
+from-scratch backbone without a training-only branch, and that with --hybrid
+and with --denoise (this recipe). Each configuration runs the same
 batches (batch 8, the recipe's 78-128 px scales), interleaved, first step of each
 round untimed.
 
@@ -20,10 +21,12 @@ from ddetr_cli.engine.loops.step import build_criterion, build_train_module, tra
 from ddetr_cli.engine.parts.optim import build_optimizer
 from ddetr_cli.engine.runs.assemble import build_datasets, build_model
 
+PLAIN = {"denoise": False}
 CONFIGS = {
-    "stem + layer1 frozen, frozen BN (previous recipe)": ({}, {"backbone_norm": "frozen", "backbone_frozen_stages": 1}),
-    "whole backbone, learnt BN (this recipe)": ({}, {}),
-    "the same + --hybrid": ({"hybrid": True}, {}),
+    "stem + layer1 frozen, frozen BN (previous recipe)": (PLAIN, {"backbone_norm": "frozen", "backbone_frozen_stages": 1}),
+    "whole backbone, learnt BN, no training-only branch": (PLAIN, {}),
+    "the same + --hybrid": ({**PLAIN, "hybrid": True}, {}),
+    "the same + --denoise (this recipe)": ({"denoise": True}, {}),
 }
 
 

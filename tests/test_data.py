@@ -481,3 +481,4 @@ def test_shapes_by_name_uses_cache_env(tmp_path, monkeypatch):
     cfg = load_dataset_config("shapes")
     assert cfg.root == tmp_path / "cache" / "shapes-v1"
     assert cfg.train.annotations.is_file()
+

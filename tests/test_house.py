@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "ddetr_cli"
 # models, data and runtime (its self-check runs the OnnxRunner) and nothing of the engine.
 LAYERS = [
     "errors", "_C", "ops", "models", "checkpoints", "data", "viz", "runtime", "export",
-    "engine.parts", "engine.config", "engine.report", "engine.runs", "engine.loops",
+    "engine.parts", "engine.recipes", "engine.config", "engine.report", "engine.runs", "engine.loops",
     "engine.run_train", "engine.run_eval", "engine.run_predict", "engine",
     "bench", "cli", "__main__", "",
 ]

@@ -73,6 +73,9 @@ def test_config_errors_name_the_key(tmp_path):
         resolve(dataset_source=None, dataset_train={"lrr": 1}, dataset_model=None, config_path=None, cli={})
     with pytest.raises(TrainConfigError, match="epochs: expected int"):
         resolve(dataset_source=None, dataset_train={"epochs": "many"}, dataset_model=None, config_path=None, cli={})
+    for key, value in (("class_loss", "bce"), ("denoise_groups", 0)):
+        with pytest.raises(TrainConfigError, match=key):
+            resolve(dataset_source=None, dataset_train={key: value}, dataset_model=None, config_path=None, cli={})
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1,\n")
     with pytest.raises(TrainConfigError, match=r"bad.yaml: line \d+, column \d+: malformed YAML"):

@@ -1,5 +1,6 @@
 """Training-only options: freeze only what was pretrained; hybrid matching
-(H-DETR) whose checkpoint stays a plain Deformable DETR."""
+(H-DETR) and denoising queries (DINO) whose checkpoints stay a plain Deformable
+DETR; the IoU-aware (varifocal) class loss."""
 
 from __future__ import annotations
 
@@ -121,3 +122,171 @@ def test_hybrid_training_saves_a_plain_deformable_detr(tmp_path):
     # resume restores the branch
     r = run_training(resume=out, overrides={"max_iters": 3})
     assert r is not None and r.global_step == 3
+
+
+def _two_stage(num_queries: int = 10):
+    from ddetr_cli.models import build_model as build_network, preset
+
+    torch.manual_seed(0)
+    return build_network(preset("tiny", num_classes=3, num_queries=num_queries, dropout=0.0)).train()
+
+
+_TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+            {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])}]
+
+
+def test_denoising_groups_follow_the_targets():
+    from ddetr_cli.models.box_ops import box_cxcywh_to_xyxy
+    from ddetr_cli.models.denoising import noised_queries
+
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(3, 8)
+    q, indices = noised_queries(_TARGETS, embed, groups=4, box_noise=1.0, label_noise=0.0)
+    assert q.group_size == 4 and q.boxes.shape == (2, 16, 4) and q.content.shape == (2, 16, 8)
+    # positives: the first two slots of each group; negatives the next two; image 1 pads one of each
+    assert indices[0][0].tolist() == [0, 1, 4, 5, 8, 9, 12, 13] and indices[0][1].tolist() == [0, 1] * 4
+    assert indices[1][0].tolist() == [0, 4, 8, 12] and indices[1][1].tolist() == [0] * 4
+    torch.testing.assert_close(q.content[0, [0, 2, 5, 7]], embed(torch.tensor([0, 0, 2, 2])))  # no label noise
+    assert q.content[1, [1, 3]].abs().sum() == 0  # padding slots carry nothing
+    # corner noise in half box sizes: positives < 1, negatives 1-2 (crossed corners are swapped)
+    gt = box_cxcywh_to_xyxy(_TARGETS[0]["boxes"])  # [2, 4]
+    half = _TARGETS[0]["boxes"][:, 2:].repeat(1, 2) / 2  # [2, 4]
+    pos = torch.stack([(box_cxcywh_to_xyxy(q.boxes[0, g * 4:g * 4 + 2]) - gt).abs() / half for g in range(4)])
+    neg = torch.stack([(box_cxcywh_to_xyxy(q.boxes[0, g * 4 + 2:g * 4 + 4]) - gt).abs() / half for g in range(4)])
+    assert pos.max() < 1 + 1e-4 and neg.max() < 2 + 1e-4 and neg.mean() > 2 * pos.mean()
+    _, _ = noised_queries(_TARGETS, embed, groups=2, box_noise=0.0, label_noise=1.0)
+    q0, _ = noised_queries(_TARGETS, embed, groups=2, box_noise=0.0, label_noise=0.0)
+    torch.testing.assert_close(q0.boxes[0, :2], _TARGETS[0]["boxes"])  # no box noise: the targets
+
+
+def test_denoising_queries_are_unseen_by_the_usual_ones_and_each_other():
+    from ddetr_cli.models.denoising import DenoisingQueries, noised_queries
+
+    model = _two_stage()
+    branch = DenoisingQueries(model, 3, groups=3).train()
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    queries, _ = noised_queries(_TARGETS, branch.label_embed, 3, 1.0, 0.5)
+    with torch.no_grad():
+        plain = model(x)
+        both = model(x, denoise=queries)
+        moved = queries.boxes.clone()
+        moved[:, 4:] = torch.rand_like(moved[:, 4:]) * 0.5 + 0.25  # every group but the first
+        other = model(x, denoise=type(queries)(moved, queries.content, 3, 4))
+    assert both["denoise"]["pred_logits"].shape == (2, 12, 3) and len(both["denoise"]["aux_outputs"]) == 2
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(both[key], plain[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both["aux_outputs"][0][key], plain["aux_outputs"][0][key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(other["denoise"][key][:, :4], both["denoise"][key][:, :4], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(other["denoise"][key][:, 4:], both["denoise"][key][:, 4:])
+    out = branch(x, None, _TARGETS)
+    assert out["denoise"]["groups"] == 3 and len(out["denoise"]["indices"]) == 2
+    assert "denoise" not in branch.eval()(x, None, _TARGETS)  # inference: the plain model
+
+
+def test_denoising_criterion_uses_the_known_assignment():
+    from ddetr_cli.engine.loops.step import build_criterion
+
+    crit = build_criterion(TrainConfig(denoise=True, denoise_weight=0.5).validate(), 3)
+    boxes = torch.rand(2, 8, 4) * 0.5 + 0.25
+    boxes[0, [0, 1, 4, 5]] = _TARGETS[0]["boxes"].repeat(2, 1)  # exact boxes at the positives
+    boxes[1, [0, 4]] = _TARGETS[1]["boxes"].repeat(2, 1)
+    dn = {"pred_logits": torch.randn(2, 8, 3), "pred_boxes": boxes, "groups": 2,
+          "indices": [(torch.tensor([0, 1, 4, 5]), torch.tensor([0, 1, 0, 1])), (torch.tensor([0, 4]), torch.tensor([0, 0]))]}
+    out = {"pred_logits": torch.randn(2, 5, 3), "pred_boxes": torch.rand(2, 5, 4) * 0.5 + 0.25, "denoise": dn}
+    losses = crit(out, _TARGETS)
+    assert losses["loss_bbox_dn"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou_dn"].item() == pytest.approx(0.0, abs=1e-6)
+    assert crit.weight_for("loss_ce_dn") == 0.5 * crit.weight_for("loss_ce")
+    assert crit.weight_for("loss_giou_1_dn") == 0.5 * crit.weight_for("loss_giou")
+    plain = build_criterion(TrainConfig().validate(), 3)
+    base = plain({k: v for k, v in out.items() if k != "denoise"}, _TARGETS)
+    for k, v in base.items():
+        torch.testing.assert_close(losses[k], v)
+    # class loss: the positives' own classes, every other slot "no object", over 3 targets x 2 groups
+    from ddetr_cli.models.criterion import sigmoid_focal_loss
+
+    onehot = torch.zeros(2, 8, 3)
+    onehot[0, [0, 4], 0] = onehot[0, [1, 5], 2] = onehot[1, [0, 4], 1] = 1
+    expected = sigmoid_focal_loss(dn["pred_logits"], onehot).mean(1).sum() / 6 * 8
+    torch.testing.assert_close(losses["loss_ce_dn"], expected)
+
+
+def test_denoise_needs_a_two_stage_model_and_no_hybrid():
+    from ddetr_cli.engine.loops.step import build_train_module
+    from ddetr_cli.errors import TrainConfigError
+    from ddetr_cli.models import build_model as build_network, preset
+
+    with pytest.raises(TrainConfigError, match="hybrid"):
+        TrainConfig(denoise=True, hybrid=True).validate()
+    from ddetr_cli.engine.config import resolve
+
+    def shapes(**cli):
+        return resolve(dataset_source="shapes", dataset_train=None, dataset_model=None, config_path=None, cli=cli)
+
+    assert shapes().denoise and not shapes(hybrid=True).denoise  # the recipe's denoising gives way to --hybrid
+    with pytest.raises(TrainConfigError, match="hybrid"):
+        shapes(hybrid=True, denoise=True)  # both asked for: refused
+    model = build_network(preset("tiny", num_classes=3, two_stage=False))
+    cfg = TrainConfig(denoise=True).validate()
+    with pytest.raises(TrainConfigError, match="two-stage"):
+        build_train_module(model, cfg, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_denoise_training_saves_a_plain_deformable_detr_and_resumes(tmp_path):
+    from ddetr_cli.checkpoints import load_model
+    from ddetr_cli.data import ensure_shapes_dataset
+    from ddetr_cli.engine import run_training
+    from ddetr_cli.engine.runs.checkpoint import load_train_checkpoint
+    from ddetr_cli.models import build_model as build_network
+
+    data = ensure_shapes_dataset(tmp_path / "shapes", n_train=4, n_val=2, size=64)
+    out = tmp_path / "run"
+    result = run_training(str(data), overrides={"denoise": True, "class_loss": "varifocal", "model": "tiny",
+                                                "imgsz": 64, "batch_size": 2, "epochs": 2, "max_iters": 2,
+                                                "workers": 0, "out": str(out), "device": "cpu"})
+    assert result is not None and result.global_step == 2
+    last = load_train_checkpoint(out / "weights" / "last.pt")
+    assert set(last["hybrid"]) == {"label_embed.weight"}  # the denoising label embedding: resume only
+    model = load_model(out / "weights" / "best.pt")
+    plain = build_network(model.config).eval()
+    assert set(plain.state_dict()) == set(model.state_dict())
+    r = run_training(resume=out, overrides={"max_iters": 3})
+    assert r is not None and r.global_step == 3
+    resumed = load_train_checkpoint(out / "weights" / "last.pt")
+    assert not torch.equal(resumed["hybrid"]["label_embed.weight"], last["hybrid"]["label_embed.weight"])  # trained on
+
+
+def test_varifocal_loss_learns_the_iou_as_the_score():
+    from ddetr_cli.models.criterion import SetCriterion, varifocal_loss
+    from ddetr_cli.models.matcher import HungarianMatcher
+
+    # element-wise: a positive's gradient vanishes where its score equals its IoU; negatives
+    # are down-weighted as alpha * p^gamma
+    logits = torch.tensor([[[0.4054651, -1.0, 2.0]]], dtype=torch.float64, requires_grad=True)  # sigmoid(l0) = 0.6
+    quality = torch.tensor([[[0.6, 0.0, 0.0]]], dtype=torch.float64)
+    loss = varifocal_loss(logits, quality, alpha=0.75, gamma=2.0)
+    loss.sum().backward()
+    assert abs(logits.grad[0, 0, 0].item()) < 1e-6
+    p = torch.sigmoid(torch.tensor([-1.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(loss[0, 0, 1:].detach(), 0.75 * p**2 * -torch.log(1 - p))
+    # in the criterion: the matched class's target is the box's IoU with its target
+    crit = SetCriterion(3, HungarianMatcher(), class_loss="varifocal")
+    target = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    pred = torch.tensor([[[0.5, 0.5, 0.4, 0.2], [0.1, 0.1, 0.05, 0.05]]])  # IoU 0.5 with the target
+    good = torch.full((1, 2, 3), -8.0)
+    good[0, 0, 1] = 0.0  # sigmoid 0.5: the IoU
+    bad = good.clone()
+    bad[0, 0, 1] = 4.0  # over-confident for a box of IoU 0.5
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    a = crit.loss_labels({"pred_logits": good, "pred_boxes": pred}, target, indices, 1.0)["loss_ce"]
+    b = crit.loss_labels({"pred_logits": bad, "pred_boxes": pred}, target, indices, 1.0)["loss_ce"]
+    assert b > a
+    focal = SetCriterion(3, HungarianMatcher()).loss_labels({"pred_logits": bad, "pred_boxes": pred}, target, indices, 1.0)
+    assert focal["loss_ce"] < b  # the focal loss rewards the over-confident score
+    with pytest.raises(ValueError, match="class loss"):
+        SetCriterion(3, class_loss="bce")
+    from ddetr_cli.errors import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="class_loss"):
+        TrainConfig(class_loss="bce").validate()

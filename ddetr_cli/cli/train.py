@@ -37,6 +37,10 @@ from .errors import user_errors
               help="Longer-side cap for validation (default: max-size).")
 @click.option("--hybrid/--no-hybrid", default=None,
               help="Hybrid matching (H-DETR): an extra one-to-many query group, training only; the saved model is a plain Deformable DETR.")
+@click.option("--denoise/--no-denoise", default=None,
+              help="Denoising queries (DINO): noised ground-truth boxes the decoder learns to repair, training only, two-stage models; the saved model is a plain Deformable DETR.")
+@click.option("--class-loss", "class_loss", type=click.Choice(["focal", "varifocal"]), default=None,
+              help="Classification loss: focal (official) or varifocal (IoU-aware scores), training only.")
 @click.option("--epochs", type=int, default=None, help="Total epochs (on --resume: extend a run).")
 @options.batch_size(None, "Images per process per step.")
 @click.option("--lr", type=float, default=None, help="Base learning rate (backbone: --config lr_backbone).")

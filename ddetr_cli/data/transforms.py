@@ -211,21 +211,18 @@ class ToTensorNormalize:
 def make_train_transforms(
     scales: Sequence[int],
     max_size: int,
-    crop: tuple[int, int] = (384, 600),
+    crop: tuple[int, int] | None = (384, 600),
     crop_scales: Sequence[int] = (400, 500, 600),
 ) -> Compose:
     """The official training augmentation: flip, then either a multi-scale
-    resize or resize -> random crop -> multi-scale resize; then normalize."""
-    return Compose(
-        [
-            RandomHorizontalFlip(),
-            RandomSelect(
-                RandomResize(scales, max_size=max_size),
-                Compose([RandomResize(crop_scales), RandomSizeCrop(*crop), RandomResize(scales, max_size=max_size)]),
-            ),
-            ToTensorNormalize(),
-        ]
-    )
+    resize or resize -> random crop -> multi-scale resize; then normalize.
+    ``crop`` None: flip, multi-scale resize, normalize."""
+    multi_scale = RandomResize(scales, max_size=max_size)
+    if crop is None:
+        scaled: Callable = multi_scale
+    else:
+        scaled = RandomSelect(multi_scale, Compose([RandomResize(crop_scales), RandomSizeCrop(*crop), multi_scale]))
+    return Compose([RandomHorizontalFlip(), scaled, ToTensorNormalize()])
 
 
 def inference_size(trained: tuple[int, int] | None, size: int | None = None,

@@ -27,7 +27,9 @@ from typing import Any
 from ..data.yaml_file import read_yaml
 from ..errors import TrainConfigError
 from ..models.config import VARIANTS
+from ..models.criterion import CLASS_LOSSES
 from .parts.amp import AMP_MODES
+from .recipes import SHAPES_RECIPE
 
 
 @dataclass
@@ -77,6 +79,11 @@ class TrainConfig:
     hybrid_queries: int = 0  # queries of the one-to-many group (0: 6 x the model's queries, as H-DETR)
     hybrid_k: int = 6  # each target repeated k times for the one-to-many group
     hybrid_weight: float = 1.0  # weight of the one-to-many losses
+    denoise: bool = False  # DINO contrastive denoising queries (two-stage models)
+    denoise_groups: int = 5  # groups of noised ground truth, each a positive and a negative per target
+    denoise_box_noise: float = 1.0  # corner noise, in half box sizes (positives < 1x, negatives 1-2x)
+    denoise_label_noise: float = 0.5  # a label is replaced by a random class with half this probability
+    denoise_weight: float = 1.0  # weight of the denoising losses
     # model
     model: str = "r50"  # preset name or a YAML file of ModelConfig fields
     variant: str | None = None  # base | refine | two-stage; None: as the model preset
@@ -89,6 +96,7 @@ class TrainConfig:
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
     focal_alpha: float = 0.25
+    class_loss: str = "focal"  # focal (official) | varifocal (IoU-aware scores, training-only)
     aux_loss: bool = True
 
     def _check_sizes(self) -> None:
@@ -158,6 +166,12 @@ class TrainConfig:
         self._check_sizes()
         need(self.hybrid_queries >= 0, "hybrid_queries", f"must be >= 0 (got {self.hybrid_queries})")
         need(self.hybrid_k >= 1, "hybrid_k", f"must be >= 1 (got {self.hybrid_k})")
+        need(self.denoise_groups >= 1, "denoise_groups", f"must be >= 1 (got {self.denoise_groups})")
+        need(self.denoise_box_noise >= 0, "denoise_box_noise", f"must be >= 0 (got {self.denoise_box_noise})")
+        need(0 <= self.denoise_label_noise <= 1, "denoise_label_noise", f"must be in [0, 1] (got {self.denoise_label_noise})")
+        need(not (self.denoise and self.hybrid), "denoise",
+             "cannot be combined with `hybrid` in this release: turn one of them off (--no-hybrid or --no-denoise)")
+        need(self.class_loss in CLASS_LOSSES, "class_loss", f"{self.class_loss!r} is not one of {', '.join(CLASS_LOSSES)}")
         need(self.amp in AMP_MODES, "amp", f"{self.amp!r} is not one of {', '.join(AMP_MODES)}")
         need(self.variant is None or self.variant in VARIANTS, "variant", f"{self.variant!r} is not one of {', '.join(VARIANTS)}")
         need(self.save_every_iters >= 0, "save_every_iters", "must be >= 0")
@@ -278,28 +292,6 @@ def read_config_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return data, {}
 
 
-# Tuned for the synthetic `shapes` dataset (128-px images, 1-4 shapes, 3 classes)
-# and `--time-limit 20` on a CPU with the tiny preset: small batches for many
-# updates, full lr for the from-scratch backbone (every stage trained, learnt batch norm), no crops,
-# 78-128 px scales (those of imgsz 128), a short warm-up, EMA
-# weights for evaluation; with a time limit the lr drops at 80% of the budget.
-SHAPES_RECIPE: dict[str, Any] = {
-    "model": "tiny",
-    "imgsz": 128,  # the other sizes follow it (derived_sizes)
-    "crop": False,
-    "batch_size": 8,
-    "lr": 4e-4,
-    "lr_backbone": 4e-4,  # the backbone starts from scratch here (no ImageNet weights): full lr
-    "epochs": 60,
-    "warmup_iters": 200,
-    "ema": True,
-    "ema_decay": 0.999,
-    "ema_warmup": 500,
-    "workers": 2,
-    "name": "shapes",
-}
-
-
 def resolve(
     *,
     dataset_source: str | None,
@@ -308,10 +300,12 @@ def resolve(
     config_path: str | Path | None,
     cli: dict[str, Any],
 ) -> TrainConfig:
-    """Applies every layer in order and validates the result."""
+    """Applies every layer in order and validates the result. A recipe's
+    ``denoise`` gives way to a user's ``hybrid`` (the two do not combine)."""
     cfg = TrainConfig()
     if dataset_source == "shapes":
         cfg = merge(cfg, SHAPES_RECIPE, "shapes recipe")
+    recipe_denoise = cfg.denoise
     src = dataset_source or "dataset YAML"
     cfg = merge(cfg, dataset_train, f"{src}: train")
     if dataset_model:
@@ -322,4 +316,13 @@ def resolve(
         if model:
             cfg = merge(cfg, {"model_overrides": dict(model)}, f"{config_path}: model")
     cfg = merge(cfg, {k: v for k, v in cli.items() if v is not None}, "command line")
+    if cfg.hybrid and cfg.denoise and recipe_denoise and "denoise" not in _user_keys(dataset_train, config_path, cli):
+        cfg.denoise = False
     return cfg.validate()
+
+
+def _user_keys(dataset_train: dict[str, Any] | None, config_path: str | Path | None, cli: dict[str, Any]) -> set[str]:
+    keys = set(dataset_train or {}) | {k for k, v in cli.items() if v is not None}
+    if config_path is not None:
+        keys |= set(read_config_yaml(config_path)[0])
+    return keys

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from .matcher import HungarianMatcher, Indices
+
+CLASS_LOSSES = ("focal", "varifocal")
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, onehot: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -30,6 +32,17 @@ def sigmoid_focal_loss(logits: torch.Tensor, onehot: torch.Tensor, alpha: float 
     if alpha >= 0:
         loss = (alpha * onehot + (1 - alpha) * (1 - onehot)) * loss
     return loss
+
+
+def varifocal_loss(logits: torch.Tensor, quality: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0) -> torch.Tensor:
+    """Element-wise IoU-aware (varifocal) loss. logits [B, Q, C]; quality [B, Q, C]:
+    the matched query's IoU with its target at the target's class, else 0.
+    Positives learn their IoU as the score (weighted by it); negatives are
+    down-weighted as in the focal loss, alpha * p^gamma."""
+    prob = logits.sigmoid().detach()
+    positive = (quality > 0).to(logits.dtype)
+    weight = alpha * prob.pow(gamma) * (1 - positive) + quality
+    return F.binary_cross_entropy_with_logits(logits, quality, weight=weight, reduction="none")
 
 
 def default_weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0) -> dict[str, float]:
@@ -63,8 +76,12 @@ class SetCriterion(nn.Module):
         losses: tuple[str, ...] = ("labels", "boxes", "cardinality"),
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        class_loss: str = "focal",
     ) -> None:
         super().__init__()
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class loss {class_loss!r} is not one of {', '.join(CLASS_LOSSES)}")
+        self.class_loss = class_loss
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher()
         base = dict(weight_dict or default_weight_dict())
@@ -90,7 +107,10 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict:
         """Sigmoid focal loss summed over [B, Q, C], / num_boxes (official:
-        mean over queries * Q / num_boxes)."""
+        mean over queries * Q / num_boxes). Under ``class_loss="varifocal"`` the
+        matched class's target is the (detached) IoU of the query's box with its
+        target, so scores rank boxes by localisation quality (VarifocalNet;
+        RT-DETR's IoU-aware query selection when applied to the encoder)."""
         logits = outputs["pred_logits"]  # [B, Q, C]
         B, Q, C = logits.shape
         batch, src = self._matched(indices)
@@ -98,7 +118,16 @@ class SetCriterion(nn.Module):
         tgt = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device).long()  # [M]
         onehot = torch.zeros_like(logits)  # [B, Q, C]
         onehot[batch, src, tgt] = 1.0
-        loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)  # [B, Q, C]
+        if self.class_loss == "varifocal":
+            with torch.no_grad():
+                pred = outputs["pred_boxes"][batch, src]  # [M, 4]
+                boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(pred)  # [M, 4]
+                iou = torch.diag(box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(boxes))[0]) if len(tgt) else pred.new_zeros(0)
+            quality = torch.zeros_like(logits)  # [B, Q, C]
+            quality[batch, src, tgt] = iou.clamp(min=1e-6).to(logits.dtype)
+            loss = varifocal_loss(logits, quality, gamma=self.focal_gamma)  # [B, Q, C]
+        else:
+            loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)  # [B, Q, C]
         out = {"loss_ce": loss.mean(1).sum() / num_boxes * Q}
         with torch.no_grad():
             if len(tgt):
@@ -149,6 +178,16 @@ class SetCriterion(nn.Module):
         for name in self.losses:
             for key, value in self.loss_table[name](outputs, targets, indices, num_boxes).items():
                 out[key + suffix] = value
+        return out
+
+    def losses_for(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict:
+        """The class and box terms under a known assignment (no matching), e.g.
+        for denoising queries."""
+        outputs = _to_float(outputs)
+        out: dict[str, torch.Tensor] = {}
+        for name in ("labels", "boxes"):
+            if name in self.losses:
+                out.update(self.loss_table[name](outputs, targets, indices, num_boxes))
         return out
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:

@@ -121,7 +121,7 @@ class DeformableDETR(nn.Module):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 return_aux: bool | None = None, *, one2many: int = 0,
-                one2many_embed: torch.Tensor | None = None) -> dict:
+                one2many_embed: torch.Tensor | None = None, denoise=None) -> dict:
         """
         Args:
             images: [B, 3, H, W] normalised float images (padded to a common size).
@@ -133,6 +133,9 @@ class DeformableDETR(nn.Module):
                 ``one2many_embed`` [one2many, 2C]), masked from the others in self-attention.
                 Their outputs come under ``"one2many"`` (``pred_logits``, ``pred_boxes``,
                 ``aux_outputs``); every other output is the plain model's.
+            denoise: denoising queries (training only, two-stage, :mod:`.denoising`),
+                appended after every other query and unseen by them; their outputs come
+                under ``"denoise"`` as the one-to-many ones do.
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected [B, 3, H, W], got {tuple(images.shape)}")
@@ -156,7 +159,7 @@ class DeformableDETR(nn.Module):
 
         query_embed = None if self.config.two_stage else self.query_embed.weight  # [Q, 2C]
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            srcs, masks, pos, query_embed, has_padding, one2many, one2many_embed)
+            srcs, masks, pos, query_embed, has_padding, one2many, one2many_embed, denoise)
 
         want_aux = self.training if return_aux is None else return_aux
         # Without aux outputs only the last layer's heads are needed (the box
@@ -174,6 +177,14 @@ class DeformableDETR(nn.Module):
             logits.append(self.class_embed[lvl](h))  # [B, Q, num_classes]
             boxes.append(coord.sigmoid())  # [B, Q, 4]
 
+        denoised = None
+        if denoise is not None:
+            n = denoise.num_queries
+            denoised = {"pred_logits": logits[-1][:, -n:], "pred_boxes": boxes[-1][:, -n:]}  # [B, N, C], [B, N, 4]
+            if want_aux and self.config.aux_loss:
+                denoised["aux_outputs"] = [{"pred_logits": a[:, -n:], "pred_boxes": b[:, -n:]}
+                                           for a, b in zip(logits[:-1], boxes[:-1])]
+            logits, boxes = [a[:, :-n] for a in logits], [b[:, :-n] for b in boxes]
         extra = None
         if one2many:
             tokens = sum(int(s.shape[-2] * s.shape[-1]) for s in srcs)
@@ -188,6 +199,8 @@ class DeformableDETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if extra is not None:
             out["one2many"] = extra
+        if denoised is not None:
+            out["denoise"] = denoised
         if want_aux and self.config.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
         return out

@@ -251,7 +251,7 @@ class DeformableTransformer(nn.Module):
         return out, props
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None, has_padding: bool | None = None,
-                one2many: int = 0, one2many_embed: torch.Tensor | None = None):
+                one2many: int = 0, one2many_embed: torch.Tensor | None = None, denoise=None):
         """
         Args:
             srcs, pos_embeds: L tensors [B, C, H_l, W_l]; masks: L tensors [B, H_l, W_l] (True = padding).
@@ -262,6 +262,10 @@ class DeformableTransformer(nn.Module):
             one2many: hybrid matching (training only): extra one-to-many queries after the
                 usual ones (two-stage: the next encoder proposals; else ``one2many_embed``
                 [one2many, 2C]), which the usual queries never see in self-attention.
+            denoise: denoising queries (training only, two-stage,
+                :class:`~ddetr_cli.models.denoising.DenoiseQueries`), appended last: their
+                embeddings come from their boxes through ``pos_trans`` as the proposals' do,
+                plus their label content; no other query sees them.
 
         Returns:
             hs: dec_layers tensors [B, Q, C]; init_reference [B, Q, 2|4];
@@ -323,6 +327,16 @@ class DeformableTransformer(nn.Module):
             self_attn_mask = torch.zeros((total, total), dtype=torch.bool, device=tgt.device)  # [Q + Q2, Q + Q2]
             self_attn_mask[:first, first:] = True  # the one-to-one queries never see the one-to-many ones
             self_attn_mask[first:, :first] = True  # and the other way round (as H-DETR)
+        if denoise is not None:
+            if not self.two_stage:
+                raise ValueError("denoising queries need a two-stage model")
+            dn_pos = proposal_pos_embed(inverse_sigmoid(denoise.boxes), num_pos_feats=C // 2).to(memory.dtype)  # [B, N, 2C]
+            dn_query_pos, dn_tgt = torch.split(self.pos_trans_norm(self.pos_trans(dn_pos)), C, dim=2)  # [B, N, C] each
+            self_attn_mask = denoise.extend_self_attn_mask(self_attn_mask, tgt.shape[1])  # [Q + N, Q + N]
+            query_pos = torch.cat([query_pos, dn_query_pos], 1)  # [B, Q + N, C]
+            tgt = torch.cat([tgt, dn_tgt + denoise.content.to(dn_tgt.dtype)], 1)  # [B, Q + N, C]
+            reference_points = torch.cat([reference_points, denoise.boxes.to(reference_points.dtype)], 1)  # [B, Q + N, 4]
+            init_reference = reference_points
         hs, inter_references = self.decoder(tgt, reference_points, memory, geometry, valid_ratios, query_pos, attn_mask,
                                             self_attn_mask)
         return hs, init_reference, inter_references, enc_class, enc_coord_unact

@@ -59,14 +59,13 @@ class Trainer:
         self.info = dist_utils.current_info()
         self.reporter = reporter if (reporter is not None and self.info.is_main) else NullReporter()
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.train_set, self.val_set, self.coco_val = train_set, val_set, coco_val
-        self.label_to_cat = label_to_cat
+        self.train_set, self.val_set, self.coco_val, self.label_to_cat = train_set, val_set, coco_val, label_to_cat
         self.plot = plot
 
         self.model = model.to(device)
         self.criterion = build_criterion(cfg, len(label_to_cat))
         self.optimizer = build_optimizer(self.model, cfg)
-        self.train_module = build_train_module(self.model, cfg, self.optimizer)  # + the hybrid branch, if any
+        self.train_module = build_train_module(self.model, cfg, self.optimizer)  # + a training-only branch, if any
         self.dtype = resolve_amp(cfg.amp, device)[0]  # build_trainer warns when it falls back to float32
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.dtype, device) else None
         self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
@@ -153,9 +152,9 @@ class Trainer:
     # ---------------------------------------------------------------- data
     def _loader(self, skip_batches: int):
         self.sampler.set_epoch(self.epoch, skip_batches)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
         return torch.utils.data.DataLoader(  # the sampler yields whole batches (or one short one): no drop_last
-            self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler, collate_fn=collate, generator=g,
+            self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler, collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch),
             num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", worker_init_fn=seed_worker,
         )  # fmt: skip
 

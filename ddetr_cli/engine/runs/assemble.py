@@ -83,13 +83,9 @@ def build_datasets(cfg: TrainConfig, dc) -> Datasets:
     """Train / val CocoDetection with the configured transforms. ``dc``: a
     ``DatasetConfig``. Raises DatasetError / TrainConfigError."""
     from ...data import make_eval_transforms, make_train_transforms
-    from ...data.transforms import Compose, RandomHorizontalFlip, RandomResize, ToTensorNormalize
 
-    scales = cfg.train_scales()
-    if cfg.crop:
-        train_tf = make_train_transforms(scales, cfg.max_size, crop=(cfg.crop_min, cfg.crop_max), crop_scales=cfg.crop_scales)
-    else:
-        train_tf = Compose([RandomHorizontalFlip(), RandomResize(scales, max_size=cfg.max_size), ToTensorNormalize()])
+    crop = (cfg.crop_min, cfg.crop_max) if cfg.crop else None
+    train_tf = make_train_transforms(cfg.train_scales(), cfg.max_size, crop=crop, crop_scales=cfg.crop_scales)
     from ...data.split import open_split
 
     train = open_split(dc.train, train_tf, names=dc.names)
