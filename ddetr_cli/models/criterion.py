@@ -203,6 +203,32 @@ class SetCriterion(nn.Module):
         return losses
 
 
+class BranchCriterion(nn.Module):
+    """A :class:`SetCriterion` plus the losses of a training-only query branch,
+    whose keys end in ``suffix`` and are weighted ``weight`` x the base weight.
+    Subclasses compute the branch's terms in ``forward``."""
+
+    suffix = ""
+
+    def __init__(self, base: SetCriterion, weight: float = 1.0) -> None:
+        super().__init__()
+        self.base = base
+        self.weight = weight
+
+    @property
+    def weight_dict(self) -> dict[str, float]:
+        return self.base.weight_dict
+
+    def weight_for(self, key: str) -> float:
+        if key.endswith(self.suffix):
+            return self.weight * self.base.weight_for(key[: -len(self.suffix)])
+        return self.base.weight_for(key)
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = [losses[k] * self.weight_for(k) for k in losses if self.weight_for(k) != 0]
+        return torch.stack(terms).sum()
+
+
 def _to_float(outputs: dict) -> dict:
     out = {}
     for k, v in outputs.items():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from .criterion import SetCriterion, count_boxes
+from .criterion import BranchCriterion, count_boxes
 
 SUFFIX = "_dn"
 
@@ -142,29 +142,13 @@ class DenoisingQueries(nn.Module):
         return out
 
 
-class DenoisingCriterion(nn.Module):
+class DenoisingCriterion(BranchCriterion):
     """``SetCriterion`` on the usual outputs plus, weighted by ``weight``, its
     class and box losses (keys suffixed ``_dn``) on ``outputs["denoise"]`` with
     the known assignment, normalised by the targets times the groups. The
     negatives (and padding slots) learn "no object"."""
 
-    def __init__(self, base: SetCriterion, weight: float = 1.0) -> None:
-        super().__init__()
-        self.base = base
-        self.weight = weight
-
-    @property
-    def weight_dict(self) -> dict[str, float]:
-        return self.base.weight_dict
-
-    def weight_for(self, key: str) -> float:
-        if key.endswith(SUFFIX):
-            return self.weight * self.base.weight_for(key[: -len(SUFFIX)])
-        return self.base.weight_for(key)
-
-    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        terms = [losses[k] * self.weight_for(k) for k in losses if self.weight_for(k) != 0]
-        return torch.stack(terms).sum()
+    suffix = SUFFIX
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         branch = outputs.get("denoise")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .criterion import SetCriterion
+from .criterion import BranchCriterion, SetCriterion
 
 SUFFIX = "_one2many"
 
@@ -52,29 +52,16 @@ class HybridQueries(nn.Module):
         return self.model(images, padding_mask, one2many=self.num_queries, one2many_embed=embed)
 
 
-class HybridCriterion(nn.Module):
+class HybridCriterion(BranchCriterion):
     """``SetCriterion`` on the one-to-one outputs plus, weighted by ``weight``,
     the same losses (keys suffixed ``_one2many``) on ``outputs["one2many"]``
     against every target repeated ``k`` times."""
 
+    suffix = SUFFIX
+
     def __init__(self, base: SetCriterion, k: int = 6, weight: float = 1.0) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base, weight)
         self.k = k
-        self.weight = weight
-
-    @property
-    def weight_dict(self) -> dict[str, float]:
-        return self.base.weight_dict
-
-    def weight_for(self, key: str) -> float:
-        if key.endswith(SUFFIX):
-            return self.weight * self.base.weight_for(key[: -len(SUFFIX)])
-        return self.base.weight_for(key)
-
-    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        terms = [losses[k] * self.weight_for(k) for k in losses if self.weight_for(k) != 0]
-        return torch.stack(terms).sum()
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         one2many = outputs.get("one2many")

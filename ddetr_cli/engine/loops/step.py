@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...errors import TrainConfigError, TrainingError
-from ...models.criterion import SetCriterion
+from ...models.criterion import BranchCriterion, SetCriterion
 from ...models.denoising import DenoisingCriterion, DenoisingQueries
 from ...models.hybrid import HybridCriterion, HybridQueries, default_one2many_queries
 from ...models.matcher import HungarianMatcher
@@ -21,7 +21,7 @@ from ..config import TrainConfig
 from ..parts import distributed as dist_utils
 
 
-def build_criterion(cfg: TrainConfig, num_classes: int) -> SetCriterion | HybridCriterion:
+def build_criterion(cfg: TrainConfig, num_classes: int) -> SetCriterion | BranchCriterion:
     """The set criterion of ``cfg`` (with the one-to-many branch's losses under
     ``hybrid``, the denoising groups' under ``denoise``)."""
     matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou, cfg.focal_alpha)
