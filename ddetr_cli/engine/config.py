@@ -306,23 +306,18 @@ def resolve(
     if dataset_source == "shapes":
         cfg = merge(cfg, SHAPES_RECIPE, "shapes recipe")
     recipe_denoise = cfg.denoise
+    user_keys = set(dataset_train or {}) | {k for k, v in cli.items() if v is not None}  # set after the recipe
     src = dataset_source or "dataset YAML"
     cfg = merge(cfg, dataset_train, f"{src}: train")
     if dataset_model:
         cfg = merge(cfg, {"model_overrides": dict(dataset_model)}, f"{src}: model")
     if config_path is not None:
         train, model = read_config_yaml(config_path)
+        user_keys |= set(train)
         cfg = merge(cfg, train, f"{config_path}: train")
         if model:
             cfg = merge(cfg, {"model_overrides": dict(model)}, f"{config_path}: model")
     cfg = merge(cfg, {k: v for k, v in cli.items() if v is not None}, "command line")
-    if cfg.hybrid and cfg.denoise and recipe_denoise and "denoise" not in _user_keys(dataset_train, config_path, cli):
+    if cfg.hybrid and cfg.denoise and recipe_denoise and "denoise" not in user_keys:
         cfg.denoise = False
     return cfg.validate()
-
-
-def _user_keys(dataset_train: dict[str, Any] | None, config_path: str | Path | None, cli: dict[str, Any]) -> set[str]:
-    keys = set(dataset_train or {}) | {k for k, v in cli.items() if v is not None}
-    if config_path is not None:
-        keys |= set(read_config_yaml(config_path)[0])
-    return keys
