@@ -2,7 +2,7 @@
 measured side by side: the previous recipe's frozen stem/layer1, this recipe's
 from-scratch backbone without a training-only branch, and that with --hybrid
 and with --denoise (this recipe). Each configuration runs the same
-batches (batch 8, the recipe's 78-128 px scales), interleaved, first step of each
+batches (batch 8, the recipe's training scale), interleaved, first step of each
 round untimed.
 
     python scripts/bench_train_options.py [ROUNDS]      # DDETR_CACHE picks the dataset folder

@@ -472,6 +472,29 @@ def test_shapes_regenerates_incomplete_and_refuses_foreign_folder(tmp_path):
     assert (foreign / "precious.txt").read_text() == "keep"
 
 
+def test_shapes_race_keeps_the_folder_another_process_finished(tmp_path, monkeypatch):
+    # Two trainings started together both find no dataset and generate it. The one that finishes
+    # second must not swap the folder under the first, which is already reading it.
+    import ddetr_cli.data.shapes as shapes
+
+    root = tmp_path / "s"
+    real_generate = shapes._generate
+    winner: list[Path] = []
+    calls = []
+
+    def generate_while_another_finishes(folder, spec):
+        calls.append(folder)
+        if len(calls) == 1:  # the other process completes first, while this one is still generating
+            winner.append(shapes.ensure_shapes_dataset(root, n_train=3, n_val=2))
+            (root / "in-use.marker").write_text("open")
+        real_generate(folder, spec)
+
+    monkeypatch.setattr(shapes, "_generate", generate_while_another_finishes)
+    assert shapes.ensure_shapes_dataset(root, n_train=3, n_val=2) == winner[0]
+    assert (root / "in-use.marker").read_text() == "open"  # the same folder, not replaced
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the loser's copy is gone
+
+
 def test_shapes_by_name_uses_cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DDETR_CACHE", str(tmp_path / "cache"))
     import ddetr_cli.data.shapes as shapes

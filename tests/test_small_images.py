@@ -53,6 +53,25 @@ def test_cli_contradiction_names_flags(tmp_path):
     assert r.exit_code != 0 and "--min-scale" in r.output and "--imgsz" in r.output and "480" in r.output
 
 
+def test_one_training_scale_follows_imgsz_and_gives_way_to_a_range(tmp_path):
+    def shapes(**cli):
+        return resolve(dataset_source="shapes", dataset_train=None, dataset_model=None, config_path=None, cli=cli)
+
+    assert shapes().train_scales() == [128]  # the recipe: every shapes image is 128 px
+    assert shapes(imgsz=96).train_scales() == [96]  # follows --imgsz, with no clash
+    assert shapes(min_scale=100, scale_step=14).train_scales() == [100, 114, 128]  # the user's range wins
+    assert shapes(multi_scale=True).train_scales() == list(range(78, 129, 5))
+    custom = resolve(dataset_source=None, dataset_train={"multi_scale": False}, dataset_model=None, config_path=None,
+                     cli={"imgsz": 160})
+    assert custom.train_scales() == [160]
+    with pytest.raises(TrainConfigError, match="`multi_scale` off trains at `imgsz` alone") as err:
+        shapes(multi_scale=False, min_scale=100)
+    assert err.value.param == "multi_scale"
+    r = _cli(["train", "shapes", "--no-multi-scale", "--scale-step", "8", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "'--multi-scale'" in r.output and "drop --min-scale/--scale-step" in r.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture(scope="module")
 def custom_dataset(tmp_path_factory) -> Path:
     """128-px images in COCO format under a user's own data.yaml (not the built-in recipe)."""

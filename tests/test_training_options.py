@@ -290,3 +290,27 @@ def test_varifocal_loss_learns_the_iou_as_the_score():
 
     with pytest.raises(TrainConfigError, match="class_loss"):
         TrainConfig(class_loss="bce").validate()
+
+
+def test_time_limit_drops_the_lr_at_the_chosen_share_and_leaves_room_for_validation(monkeypatch):
+    # A time-boxed run drops the lr once `time_lr_drop` of its budget (less the final validation) is
+    # spent, and stops when one more step would not leave time for that validation.
+    import ddetr_cli.engine.runs.budget as budget_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(budget_mod.time, "perf_counter", lambda: clock[0])
+    for share, drop_after in ((0.8, 470.0), (0.9, 530.0)):
+        clock[0] = 1000.0
+        budget = budget_mod.TimeBudget(10, val_batches=10, drop_at=share)  # 600 s
+        budget.note_steps(0.5)
+        budget.note_eval(10.0)
+        budget.note_steps(0.5)  # the timed validation (10 s) replaces the guess
+        clock[0] += drop_after - 1
+        assert not budget.drop_due()
+        clock[0] += 2
+        assert budget.drop_due() and not budget.exhausted()
+    clock[0] = 1000.0 + 591
+    assert budget.exhausted()
+    assert not budget_mod.TimeBudget(None, 10).drop_due()  # no limit: the epoch schedule alone
+    with pytest.raises(ValueError, match="time_lr_drop"):
+        TrainConfig(time_lr_drop=1.5).validate()

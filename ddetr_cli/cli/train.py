@@ -20,6 +20,8 @@ from .errors import user_errors
 @options.variant()
 @options.imgsz("Shorter side at inference and largest training scale (default 800); the sizes below follow it.")
 @options.max_size("Cap on the longer side, in training and at inference (default: 1333/800 x imgsz).")
+@click.option("--multi-scale/--no-multi-scale", "multi_scale", default=None,
+              help="Train at sizes from --min-scale up to --imgsz (default on); off: at --imgsz alone.")
 @click.option("--min-scale", "min_scale", type=click.IntRange(1), default=None, metavar="PIXELS",
               help="Smallest multi-scale training size (default: imgsz - 10 x scale-step; 480 at 800).")
 @click.option("--scale-step", "scale_step", type=click.IntRange(1), default=None, metavar="PIXELS",
@@ -58,7 +60,7 @@ from .errors import user_errors
 @click.option("--config", "config_path", default=None, type=click.Path(), help="YAML with train: / model: sections.")
 @click.option("--save-every", "save_every_iters", type=int, default=None, help="Also checkpoint every N iterations.")
 @click.option("--eval-every", "eval_every", type=int, default=None, help="Validate every N epochs.")
-@click.option("--time-limit", "time_limit", type=float, default=None, help="Stop cleanly after this many minutes (evaluated, checkpointed).")
+@click.option("--time-limit", "time_limit", type=float, default=None, help="Stop cleanly after this many minutes (evaluated, checkpointed); the lr drops x0.1 at 80% of them (train: time_lr_drop).")
 @click.option("--max-iters", "max_iters", type=int, default=None, help="Stop after this many optimizer steps in total.")
 @click.option("--seed", type=int, default=None)
 @pass_app

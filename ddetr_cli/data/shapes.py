@@ -73,6 +73,8 @@ def ensure_shapes_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     try:
         _generate(tmp, spec)
+        if _is_complete(root, spec):  # another process finished the same data meanwhile: it may be reading it
+            return root / "shapes.yaml"
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
             os.replace(root, old / "data")

@@ -29,7 +29,7 @@ from ..errors import TrainConfigError
 from ..models.config import VARIANTS
 from ..models.criterion import CLASS_LOSSES
 from .parts.amp import AMP_MODES
-from .recipes import SHAPES_RECIPE
+from .recipes import RECIPE_YIELDS, SHAPES_RECIPE
 
 
 @dataclass
@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     imgsz: int = 800  # shorter side at inference; the largest training scale
     # None: follows imgsz by the official proportions (derived_sizes)
+    multi_scale: bool = True  # False: train at imgsz alone (min_scale, scale_step unused)
     min_scale: int | None = None
     scale_step: int | None = None
     max_size: int | None = None
@@ -69,6 +70,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     max_iters: int = 0  # stop after this many optimizer steps in total (0: no limit)
     time_limit: float | None = None  # minutes; stop cleanly (with a checkpoint) after this
+    time_lr_drop: float = 0.8  # with time_limit: the lr drops x0.1 once this share of the budget is spent
     project: str = "runs/train"
     name: str = "exp"
     out: str | None = None
@@ -133,8 +135,8 @@ class TrainConfig:
 
     def train_scales(self) -> list[int]:
         """Shorter-side sizes for multi-scale training: ``imgsz`` down to
-        ``min_scale`` by ``scale_step``, ascending (the official 480..800 by 32)."""
-        return sorted(range(self.imgsz, self.min_scale - 1, -self.scale_step))
+        ``min_scale`` by ``scale_step``, ascending (the official 480..800 by 32); [imgsz] without multi_scale."""
+        return [self.imgsz] if not self.multi_scale else sorted(range(self.imgsz, self.min_scale - 1, -self.scale_step))
 
     def effective_lr_drop(self) -> int:
         return self.lr_drop if self.lr_drop is not None else max(1, round(self.epochs * 0.8))
@@ -177,6 +179,7 @@ class TrainConfig:
         need(self.save_every_iters >= 0, "save_every_iters", "must be >= 0")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(self.time_limit is None or self.time_limit > 0, "time_limit", "must be > 0 minutes")
+        need(0 < self.time_lr_drop <= 1, "time_lr_drop", f"must be in (0, 1] (got {self.time_lr_drop})")
         need(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
         need(self.lr_drop is None or self.lr_drop >= 1, "lr_drop", "must be >= 1")
         need(not self.crop or len(self.crop_scales) >= 1, "crop_scales", "needs at least one size (or set crop: false)")
@@ -300,12 +303,11 @@ def resolve(
     config_path: str | Path | None,
     cli: dict[str, Any],
 ) -> TrainConfig:
-    """Applies every layer in order and validates the result. A recipe's
-    ``denoise`` gives way to a user's ``hybrid`` (the two do not combine)."""
+    """Applies every layer in order and validates the result. A recipe's key
+    gives way to a user's key it cannot combine with (:data:`RECIPE_YIELDS`)."""
     cfg = TrainConfig()
-    if dataset_source == "shapes":
-        cfg = merge(cfg, SHAPES_RECIPE, "shapes recipe")
-    recipe_denoise = cfg.denoise
+    recipe = SHAPES_RECIPE if dataset_source == "shapes" else {}
+    cfg = merge(cfg, recipe, "shapes recipe")
     user_keys = set(dataset_train or {}) | {k for k, v in cli.items() if v is not None}  # set after the recipe
     src = dataset_source or "dataset YAML"
     cfg = merge(cfg, dataset_train, f"{src}: train")
@@ -318,6 +320,10 @@ def resolve(
         if model:
             cfg = merge(cfg, {"model_overrides": dict(model)}, f"{config_path}: model")
     cfg = merge(cfg, {k: v for k, v in cli.items() if v is not None}, "command line")
-    if cfg.hybrid and cfg.denoise and recipe_denoise and "denoise" not in user_keys:
-        cfg.denoise = False
+    for key, rivals in RECIPE_YIELDS.items():
+        if key in recipe and key not in user_keys and any(r in user_keys and getattr(cfg, r) for r in rivals):
+            setattr(cfg, key, _FIELDS[key].default)  # e.g. the user's --hybrid turns the recipe's denoise off
+    if not cfg.multi_scale and user_keys & {"min_scale", "scale_step"}:
+        raise TrainConfigError("`multi_scale` off trains at `imgsz` alone: drop `min_scale`/`scale_step`, or turn "
+                               "`multi_scale` on", param="multi_scale")
     return cfg.validate()

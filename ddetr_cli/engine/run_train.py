@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("ddetr")
 
 # Options that may change when resuming (everything else comes from the checkpoint).
-RESUME_OVERRIDABLE = ("epochs", "device", "workers", "time_limit", "save_every_iters", "max_iters", "eval_every", "lr_drop")
+RESUME_OVERRIDABLE = ("epochs", "device", "workers", "time_limit", "time_lr_drop", "save_every_iters", "max_iters", "eval_every", "lr_drop")
 
 
 def run_training(

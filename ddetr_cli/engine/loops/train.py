@@ -202,7 +202,8 @@ class Trainer:
         iters = self.sampler.batches_per_epoch()
         if iters == 0:
             raise TrainingError(f"training set has {len(self.train_set)} images: fewer than one batch of {cfg.batch_size}")
-        budget = TimeBudget(cfg.time_limit, val_batches(len(self.val_set), cfg.batch_size, self.info.world_size))
+        budget = TimeBudget(cfg.time_limit, val_batches(len(self.val_set), cfg.batch_size, self.info.world_size),
+                            cfg.time_lr_drop)
         stopped: str | None = None
         last_eval: EvalResult | None = None
         while self.epoch < cfg.epochs and stopped is None:
@@ -252,8 +253,8 @@ class Trainer:
         for images, mask, targets in self._loader(self.step_in_epoch):
             data_time += time.perf_counter() - t_data
             if budget.limited and not self._drop_forced and self._agree(budget.drop_due()):
-                self._drop_forced = True  # time-boxed run: lr drop at 80% of the budget
-                self.reporter.info("80% of the time limit reached: dropping the learning rate x0.1")
+                self._drop_forced = True  # time-boxed run: lr drop at time_lr_drop of the budget
+                self.reporter.info(f"{cfg.time_lr_drop:.0%} of the time limit reached: dropping the learning rate x0.1")
             epoch_for_lr = max(self.epoch, self.schedule.lr_drop) if self._drop_forced else self.epoch
             lr = self.schedule.apply(self.optimizer, epoch_for_lr, self.global_step)
             images = images.to(self.device, non_blocking=True)  # [B, 3, H, W]

@@ -1,6 +1,7 @@
 """The time budget of a run (``time_limit`` minutes).
 
-A time-boxed run drops the learning rate x0.1 at 80 % of the budget and stops
+A time-boxed run drops the learning rate x0.1 at a share of the budget
+(``time_lr_drop``, 80 % unless set) and stops
 early enough to finish its final validation inside it. Until the first
 validation has been timed, its cost is guessed from the training speed (a
 forward pass is about a third of a training step; with a x1.5 margin).
@@ -13,8 +14,9 @@ import time
 
 
 class TimeBudget:
-    def __init__(self, minutes: float | None, val_batches: int) -> None:
+    def __init__(self, minutes: float | None, val_batches: int, drop_at: float = 0.8) -> None:
         self.limit_s = minutes * 60 if minutes else None
+        self.drop_at = drop_at  # share of the budget spent when the lr drops
         self.val_batches = val_batches  # validation batches on this process
         self.start = time.perf_counter()
         self.eval_cost = 0.0  # seconds of the last validation (0: not timed yet)
@@ -38,8 +40,8 @@ class TimeBudget:
         self.eval_cost = seconds
 
     def drop_due(self) -> bool:
-        """80 % of the budget (less the final validation) is spent."""
-        return self.limit_s is not None and self.elapsed() > 0.8 * self.limit_s - self.eval_guess
+        """``drop_at`` of the budget (less the final validation) is spent."""
+        return self.limit_s is not None and self.elapsed() > self.drop_at * self.limit_s - self.eval_guess
 
     def exhausted(self) -> bool:
         """One more step would leave no time for the final validation."""
