@@ -60,7 +60,7 @@ from .errors import user_errors
 @click.option("--config", "config_path", default=None, type=click.Path(), help="YAML with train: / model: sections.")
 @click.option("--save-every", "save_every_iters", type=int, default=None, help="Also checkpoint every N iterations.")
 @click.option("--eval-every", "eval_every", type=int, default=None, help="Validate every N epochs.")
-@click.option("--time-limit", "time_limit", type=float, default=None, help="Stop cleanly after this many minutes (evaluated, checkpointed); the lr drops x0.1 at 80% of them (train: time_lr_drop).")
+@click.option("--time-limit", "time_limit", type=float, default=None, help="Stop cleanly after this many minutes (evaluated, checkpointed); the lr drops x0.1 at a share of them (train: time_lr_drop; 0.8, the shapes recipe 0.9).")
 @click.option("--max-iters", "max_iters", type=int, default=None, help="Stop after this many optimizer steps in total.")
 @click.option("--seed", type=int, default=None)
 @pass_app
