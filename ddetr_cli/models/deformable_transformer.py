@@ -250,6 +250,15 @@ class DeformableTransformer(nn.Module):
         out = self.enc_output_norm(self.enc_output(out))  # [B, S, C]
         return out, props
 
+    def _box_queries(self, coords_unact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two-stage query position and content [B, K, C] each from boxes in logit
+        space [B, K, 4]: their sine embedding through ``pos_trans`` (the encoder
+        proposals' and the denoising queries' one path)."""
+        C = self.d_model
+        pos = proposal_pos_embed(coords_unact, num_pos_feats=C // 2).to(dtype)  # [B, K, 2C]
+        query_pos, tgt = torch.split(self.pos_trans_norm(self.pos_trans(pos)), C, dim=2)  # [B, K, C] each
+        return query_pos, tgt
+
     def forward(self, srcs, masks, pos_embeds, query_embed=None, has_padding: bool | None = None,
                 one2many: int = 0, one2many_embed: torch.Tensor | None = None, denoise=None):
         """
@@ -307,9 +316,7 @@ class DeformableTransformer(nn.Module):
             topk_idx = torch.topk(enc_class[..., 0], topk, dim=1)[1]  # [B, K]
             topk_coords = torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).expand(-1, -1, 4)).detach()  # [B, K, 4]
             reference_points = topk_coords.sigmoid()
-            pos = proposal_pos_embed(topk_coords, num_pos_feats=C // 2).to(memory.dtype)  # [B, K, 2C]
-            pos_trans_out = self.pos_trans_norm(self.pos_trans(pos))  # [B, K, 2C]
-            query_pos, tgt = torch.split(pos_trans_out, C, dim=2)  # [B, K, C] each
+            query_pos, tgt = self._box_queries(topk_coords, memory.dtype)  # [B, K, C] each
         else:
             if query_embed is None:
                 raise ValueError("DeformableTransformer: query_embed is required unless two_stage")
@@ -330,8 +337,7 @@ class DeformableTransformer(nn.Module):
         if denoise is not None:
             if not self.two_stage:
                 raise ValueError("denoising queries need a two-stage model")
-            dn_pos = proposal_pos_embed(inverse_sigmoid(denoise.boxes), num_pos_feats=C // 2).to(memory.dtype)  # [B, N, 2C]
-            dn_query_pos, dn_tgt = torch.split(self.pos_trans_norm(self.pos_trans(dn_pos)), C, dim=2)  # [B, N, C] each
+            dn_query_pos, dn_tgt = self._box_queries(inverse_sigmoid(denoise.boxes), memory.dtype)  # [B, N, C] each
             self_attn_mask = denoise.extend_self_attn_mask(self_attn_mask, tgt.shape[1])  # [Q + N, Q + N]
             query_pos = torch.cat([query_pos, dn_query_pos], 1)  # [B, Q + N, C]
             tgt = torch.cat([tgt, dn_tgt + denoise.content.to(dn_tgt.dtype)], 1)  # [B, Q + N, C]
