@@ -156,3 +156,20 @@ def test_unknown_cpu_isa_is_one_line_error(tmp_path):
                          timeout=120, cwd=tmp_path)  # not the checkout: the installed package
     assert res.returncode != 0
     assert "Traceback" not in res.stderr and "DDETR_CPU_ISA: unknown instruction set 'bogus'" in res.stderr, res.stderr
+
+
+def test_cpu_timing_is_not_preceded_by_the_memory_reset(monkeypatch):
+    """Measuring peak memory hands the freed heap back to the OS; a call timed
+    after that would pay page faults that a process running the op in a loop
+    does not. The reset comes once, after every timed call, for one extra call
+    whose peak is reported."""
+    import torch
+
+    from ddetr_cli.bench import timing
+
+    events = []
+    monkeypatch.setattr(timing, "_reset_cpu_peak", lambda: events.append("reset") or True)
+    monkeypatch.setattr(timing, "_rss_bytes", lambda field: {"VmRSS": 1000, "VmHWM": 5096}[field])
+    t = timing.measure(lambda: events.append("call"), torch.device("cpu"), warmup=1, repeats=3)
+    assert events == ["call"] * 4 + ["reset", "call"]
+    assert len(t.times_ms) == 3 and t.peak_extra_bytes == 4096

@@ -14,7 +14,7 @@ import torch
 
 from ddetr_cli.ops import ms_deform_attn, ms_deform_attn_torch
 from ddetr_cli.ops import msda as msda_mod
-from msda_cases import level_geometry, make_case
+from msda_cases import level_geometry, make_case, naive_msda
 
 EXT = msda_mod.extension()
 RUNNABLE = EXT.cpu_isas(runnable=True) if EXT is not None else []
@@ -197,6 +197,56 @@ def test_environment_unknown_name_is_a_one_line_error():
     proc = _child("avx1024")
     assert proc.stdout.strip().startswith("error DDETR_CPU_ISA: unknown instruction set 'avx1024'"), proc
     assert len(proc.stdout.strip().splitlines()) == 1
+
+
+def hostile_locations(shapes, N, Lq, M, P, seed):
+    """Locations drawn per level from pixel centres, the map's edges, points
+    just inside and just outside, and NaN, +-inf and huge values."""
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.empty(N, Lq, M, len(shapes), P, 2, dtype=torch.float64)
+    bad = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 3.0e9]
+    for lvl, (H, W) in enumerate(shapes):
+        for axis, side in ((0, W), (1, H)):
+            pool = [(i + 0.5) / side for i in range(side)]
+            pool += [0.0, 1.0, -0.5 / side, 1 + 0.5 / side, -1.0 / side, 1 + 1.0 / side, -0.499 / side, 1 + 0.499 / side]
+            pool += bad + list(torch.rand(8, generator=g, dtype=torch.float64).tolist())
+            pick = torch.randint(len(pool), (N, Lq, M, P), generator=g)
+            loc[:, :, :, lvl, :, axis] = torch.tensor(pool, dtype=torch.float64)[pick]
+    return loc
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("D", [32, 33])
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_eight_point_taps_at_borders_and_hostile_locations(name, D, dtype, tol, isa):
+    """The AVX2 and AVX-512 builds compute the forward's taps eight points at a
+    time when a query's L * P points fill groups of eight, and the backward's
+    for two queries at a time when P = 4 (4 x 4 here, 2 x 4 in the second
+    case): every build against the float64 per-point loop (forward) and the
+    float64 reference (gradients of value and weights), on points at pixel
+    centres, on the edges, just inside and outside, and NaN, infinite or huge."""
+    isa(name)
+    for shapes, Lq in (([(5, 7), (3, 4), (2, 2), (1, 3)], 11), ([(4, 9), (1, 1)], 7)):
+        spatial, start = level_geometry(shapes)
+        S = int((spatial[:, 0] * spatial[:, 1]).sum())
+        N, M, P = 2, 2, 4
+        g = torch.Generator().manual_seed(D)
+        value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64).to(dtype).double()
+        loc = hostile_locations(shapes, N, Lq, M, P, seed=D).float().double()  # float32 locations, as the op gets them
+        attn = torch.rand(N, Lq, M, len(shapes), P, generator=g, dtype=torch.float64).float().double()
+        args = (value.to(dtype), spatial, start, loc.float(), attn.float())
+        out = native(*args)
+        expected = naive_msda(value, spatial, start, loc, attn)
+        assert torch.isfinite(out).all()
+        rel = (out.double() - expected).norm() / expected.norm()
+        assert rel < tol, f"{name} {dtype} {shapes}: output relative error {rel:.2e}"
+        ours, ref = grads(args), reference((value, spatial, start, loc, attn))
+        for what, i in (("value", 1), ("attn", 3)):
+            assert torch.isfinite(ours[i]).all(), what
+            rel = (ours[i].double() - ref[i]).norm() / ref[i].norm()
+            assert rel < tol, f"{name} {dtype} {shapes}: {what} gradient relative error {rel:.2e}"
+        nonfinite = ~torch.isfinite(loc).all(-1)  # [N, Lq, M, L, P]: no gradient at all
+        assert (ours[2].abs().sum(-1)[nonfinite] == 0).all() and (ours[3][nonfinite] == 0).all()
 
 
 # ---------------------------------------------------------------- bfloat16

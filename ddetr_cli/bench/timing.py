@@ -1,8 +1,8 @@
 """Timing and peak-memory measurement for benchmarks.
 
-CPU: wall clock around each call; peak memory from the kernel's resident-set
-high-water mark (reset through /proc/self/clear_refs on Linux), minus the
-resident set before the call. CUDA: CUDA events and the caching allocator's
+CPU: wall clock around each call; peak memory, from one more untimed call, as
+the kernel's resident-set high-water mark (reset through /proc/self/clear_refs
+on Linux) minus the resident set before the call. CUDA: CUDA events and the caching allocator's
 peak statistics.
 """
 
@@ -55,16 +55,31 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
+def _cpu_peak_extra(fn: Callable[[], object]) -> int | None:
+    """Memory one call of ``fn`` adds at its peak: freed heap returned to the OS
+    first, so that its allocations show in the resident set's high-water mark."""
+    if not _reset_cpu_peak():
+        return None
+    base = _rss_bytes("VmRSS")
+    result = fn()
+    hwm = _rss_bytes("VmHWM")
+    del result
+    return (hwm - base) if (base is not None and hwm is not None) else None
+
+
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 5) -> Timing:
     """Runs ``fn`` ``warmup`` times, then ``repeats`` timed times; the result of
-    ``fn`` is dropped before the next call."""
+    ``fn`` is dropped before the next call. On a CPU the peak memory comes from
+    one more, untimed call: measuring it returns the freed heap to the OS, and
+    a timed call after that would pay page faults for memory that a process
+    running the op in a loop keeps (a third of the encoder forward's time here)."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     times: list[float] = []
     peak: int | None = None
-    for i in range(repeats):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
@@ -76,15 +91,12 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
             extra = torch.cuda.max_memory_allocated(device) - base
+            peak = extra if peak is None else max(peak, extra)
         else:
-            can_reset = _reset_cpu_peak()
-            base = _rss_bytes("VmRSS")
             t0 = time.perf_counter()
             result = fn()
             times.append((time.perf_counter() - t0) * 1e3)
-            hwm = _rss_bytes("VmHWM")
-            extra = (hwm - base) if (can_reset and base is not None and hwm is not None) else None
         del result
-        if extra is not None:
-            peak = extra if peak is None else max(peak, extra)
+    if device.type != "cuda":
+        peak = _cpu_peak_extra(fn)
     return Timing(statistics.median(times), min(times), times, peak)
