@@ -76,6 +76,16 @@ inline void prefetch_row(const scalar_t* row, int64_t D) {
 #endif
 }
 
+// Asks for one cache line; kWrite: the caller will write it.
+template <bool kWrite = false>
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, kWrite ? 1 : 0);
+#else
+  (void)p;
+#endif
+}
+
 // acc[0 .. D) += w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3, fused in that order:
 // one sampling point's four corner rows.
 template <typename scalar_t, typename acc_t>
@@ -427,10 +437,10 @@ void backward_fused(const MsdaBackwardParams& prm) {
       auto prefetch_query = [&](int64_t q) DDETR_ALWAYS_INLINE {
         if (q >= Lq) return;
         const int64_t row = (n * Lq + q) * M + m, pt = (row * L + l) * P;
-        __builtin_prefetch(loc + 2 * pt);
-        __builtin_prefetch(attn + pt);
-        __builtin_prefetch(grad_loc + 2 * pt, 1);
-        __builtin_prefetch(grad_attn + pt, 1);
+        prefetch_line(loc + 2 * pt);
+        prefetch_line(attn + pt);
+        prefetch_line<true>(grad_loc + 2 * pt);
+        prefetch_line<true>(grad_attn + pt);
         prefetch_row(grad_out + row * D, D);
       };
 #ifdef __AVX2__
