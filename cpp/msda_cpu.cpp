@@ -64,18 +64,6 @@ inline T madd(T a, T b, T c) {
 #define DDETR_ALWAYS_INLINE
 #endif
 
-// Asks for the cache lines of a row that the next gathers will read.
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t D) {
-#if defined(__GNUC__) || defined(__clang__)
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(p + b);
-#else
-  (void)row;
-  (void)D;
-#endif
-}
-
 // Asks for one cache line; kWrite: the caller will write it.
 template <bool kWrite = false>
 inline void prefetch_line(const void* p) {
@@ -84,6 +72,13 @@ inline void prefetch_line(const void* p) {
 #else
   (void)p;
 #endif
+}
+
+// Asks for the cache lines of a row that the next gathers will read.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(scalar_t)); b += 64) prefetch_line(p + b);
 }
 
 // acc[0 .. D) += w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3, fused in that order:

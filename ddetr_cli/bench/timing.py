@@ -2,8 +2,8 @@
 
 CPU: wall clock around each call; peak memory, from one more untimed call, as
 the kernel's resident-set high-water mark (reset through /proc/self/clear_refs
-on Linux) minus the resident set before the call. CUDA: CUDA events and the caching allocator's
-peak statistics.
+on Linux) minus the resident set before the call. CUDA: CUDA events and the
+caching allocator's peak statistics.
 """
 
 from __future__ import annotations
