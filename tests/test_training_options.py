@@ -314,3 +314,21 @@ def test_time_limit_drops_the_lr_at_the_chosen_share_and_leaves_room_for_validat
     assert not budget_mod.TimeBudget(None, 10).drop_due()  # no limit: the epoch schedule alone
     with pytest.raises(ValueError, match="time_lr_drop"):
         TrainConfig(time_lr_drop=1.5).validate()
+
+
+def test_time_limit_reached_by_an_epoch_end_validation_makes_it_the_final_one(tmp_path, monkeypatch):
+    # The budget keeps time for one final validation. When it runs out during the validation at an epoch's
+    # end, that validation is the final one: no further step, and no second validation past the limit.
+    import ddetr_cli.engine.runs.budget as budget_mod
+    from ddetr_cli.data import ensure_shapes_dataset
+    from ddetr_cli.engine import run_training
+
+    monkeypatch.setattr(budget_mod.TimeBudget, "exhausted", lambda self: self.eval_cost > 0)  # spent once validated
+    data = ensure_shapes_dataset(tmp_path / "shapes", n_train=4, n_val=2, size=64)
+    result = run_training(str(data), overrides={"model": "tiny", "imgsz": 64, "batch_size": 2, "epochs": 3,
+                                                "time_limit": 60, "workers": 0, "out": str(tmp_path / "run"),
+                                                "device": "cpu"})
+    assert result is not None and result.stopped_early == "time limit"
+    assert (result.epochs_done, result.global_step) == (1, 2)  # the first epoch's two steps, none after its validation
+    assert len(result.history) == 1 and "AP" in result.history[0]
+    assert (tmp_path / "run" / "weights" / "best.pt").exists()

@@ -1,13 +1,11 @@
-"""The training loop: epochs of :func:`~.step.train_step`, EMA, AMP, periodic
-COCO validation, atomic checkpoints and exact resume.
+"""The training loop: epochs of :func:`~.step.train_step`, EMA, AMP, periodic COCO validation, atomic
+checkpoints and exact resume.
 
-Determinism contract: at the start of every epoch all RNGs are seeded from
-``(seed, epoch, rank)`` and the sample order is a function of ``(seed, epoch)``
-(:class:`~..parts.sampler.EpochSampler`), so a run resumed at an epoch boundary
-reproduces the uninterrupted run. Mid-epoch checkpoints (``save_every_iters``)
-store the RNG states and the number of batches done; resuming skips those
-batches and continues the epoch (bit-exact with ``workers=0``; with worker
-processes the augmentation of the remaining batches may differ).
+Determinism contract: at the start of every epoch all RNGs are seeded from ``(seed, epoch, rank)`` and the
+sample order is a function of ``(seed, epoch)`` (:class:`~..parts.sampler.EpochSampler`), so a run resumed at
+an epoch boundary reproduces the uninterrupted run. Mid-epoch checkpoints (``save_every_iters``) store the RNG
+states and the number of batches done; resuming skips those batches and continues the epoch (bit-exact with
+``workers=0``; with worker processes the augmentation of the remaining batches may differ).
 """
 
 from __future__ import annotations
@@ -221,6 +219,8 @@ class Trainer:
                 t_eval = time.perf_counter()
                 last_eval = self._validate_and_keep_best(row)
                 budget.note_eval(time.perf_counter() - t_eval)
+                if stopped is None and self.epoch < cfg.epochs and budget.limited and self._agree(budget.exhausted()):
+                    stopped = "time limit"  # no time for a step and another validation: this one is the final one
             row["time"] = time.perf_counter() - epoch_t0
             self.history.append(row)
             if epoch_finished:
