@@ -249,6 +249,30 @@ def test_eight_point_taps_at_borders_and_hostile_locations(name, D, dtype, tol, 
         assert (ours[2].abs().sum(-1)[nonfinite] == 0).all() and (ours[3][nonfinite] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_pixel_major_query_order_changes_no_bit(name, dtype, isa):
+    """With one query per pixel of the levels (Lq == S, the encoder) the forward
+    visits the queries pixel-major, merging the coarser levels' queries into the
+    finest level's raster; with any other count, in query order. No output may
+    depend on that: the S queries alone and with one more query appended give
+    the same bits, at batch 2, on levels coarser than level 0 (L * P = 16: the
+    eight-point taps) and with a level finer than level 0 (whose raster the
+    merge does not see in key order; L * P = 12: the per-point taps)."""
+    isa(name)
+    for shapes in ([(9, 13), (5, 7), (3, 4), (1, 2)], [(4, 5), (8, 10), (2, 3)]):
+        spatial, start = level_geometry(shapes)
+        S = int((spatial[:, 0] * spatial[:, 1]).sum())
+        N, M, P, D = 2, 2, 4, 32
+        g = torch.Generator().manual_seed(S)
+        value = torch.randn(N, S, M, D, generator=g).to(dtype)
+        loc = torch.rand(N, S + 1, M, len(shapes), P, 2, generator=g) * 1.2 - 0.1  # some points outside
+        attn = torch.rand(N, S + 1, M, len(shapes), P, generator=g)
+        in_query_order = native(value, spatial, start, loc, attn)[:, :S]
+        pixel_major = native(value, spatial, start, loc[:, :S].contiguous(), attn[:, :S].contiguous())
+        assert torch.equal(pixel_major, in_query_order), (name, dtype, shapes)
+
+
 # ---------------------------------------------------------------- bfloat16
 
 
