@@ -5,9 +5,11 @@ DDETR_CPU_ISA override, and bfloat16 storage."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,3 +303,19 @@ def test_bfloat16_gradients_are_finite_and_close():
         assert torch.isfinite(g).all(), name
         rel = (g.double() - r).norm() / r.norm()
         assert rel < 2e-2, f"{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None or not RUNNABLE, reason="needs g++ and the extension")
+def test_ab_cpu_kernel_script_runs_and_compares(tmp_path):
+    """scripts/ab_cpu_kernel.py, the A/B harness of the README's Developing
+    section: the work tree against itself on the decoder case, one round of each
+    pass: both builds compile into one program, run, and agree bit for bit on
+    the output and the three gradients."""
+    isa = "avx2" if "avx2" in RUNNABLE else "baseline"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ab_cpu_kernel.py"
+    r = subprocess.run([sys.executable, str(script), "worktree", "worktree", "--case", "decoder", "--rounds", "1",
+                        "--isa", isa], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "forward, 2 threads" in r.stdout and "backward, 2 threads" in r.stdout, r.stdout
+    assert r.stdout.count(": 0 elements differ, max |A - B| 0") == 4, r.stdout
