@@ -20,7 +20,9 @@
 # reported as FAILED and the exit status is non-zero; a failed build stops at
 # once. Python wheels the machine lacks (pycocotools) can sit in .whl/: they are
 # installed into /tmp/site first. DDETR_CUDA_ARCHITECTURES picks the GPUs to
-# build for (default 90: H100/H200).
+# build for (default 90: H100/H200). pytest runs with -n 0 (pyproject's addopts
+# ask for xdist workers): in one process, which compute-sanitizer follows and
+# which does not share the GPU with seven others.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -77,7 +79,7 @@ import ddetr_cli._C as c
 print("has_cuda", c.has_cuda(), "devices", c.cuda_device_count(), "reason", repr(c.cuda_unavailable_reason()), "cpu isa", c.cpu_isa())
 assert c.has_cuda() and c.cuda_device_count() > 0, "the extension does not see a CUDA device: " + c.cuda_unavailable_reason()
 ' || exit 1
-  step pytest_cuda 400 "$PY" -m pytest -q -p no:cacheprovider tests/test_msda_cuda.py tests/test_cuda_graph.py \
+  step pytest_cuda 400 "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_msda_cuda.py tests/test_cuda_graph.py \
     tests/test_msda.py tests/test_model.py -rs
 }
 
@@ -92,7 +94,7 @@ verify() {
   # That rules out CUDA-graph capture (a cudaMalloc while capturing is refused),
   # so the graph tests run in build-test only.
   step memcheck 400 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
-    --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_msda_cuda.py tests/test_msda.py -m cuda \
+    --print-limit 20 "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_msda_cuda.py tests/test_msda.py -m cuda \
     -k "not model and not graph and not capture and not gradcheck"
 }
 
@@ -124,7 +126,7 @@ cpu_check() {
   step cpu_info 30 bash -c "lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Socket|L2|L3'; grep -o -w -E 'avx512[a-z_0-9]*|amx[a-z_0-9]*|avx2' /proc/cpuinfo | sort | uniq -c; \
     $PY -c 'import ddetr_cli._C as c; print(\"cpu isa\", c.cpu_isa(), \"compiled\", c.cpu_isas())'"
   # The CPU kernel's tests on the widest build this CPU runs (never run on the 2-core AVX2 development machine).
-  step cpu_tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_msda_cpu.py tests/test_msda.py -m "not cuda" -x
+  step cpu_tests 200 "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_msda_cpu.py tests/test_msda.py -m "not cuda" -x
 }
 
 cpu_scaling() {
